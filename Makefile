@@ -1,0 +1,38 @@
+# minphi3: `make demo` runs the demo model, `make test` runs the suite. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: install test lint demo bench bench-gpu lessons clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check minphi3 tests benchmarks
+
+demo: $(STAMP)
+	$(PY) -m minphi3 chat --prompt "What is the capital of France? Answer in one sentence."
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_cpu.py
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/bench_gpu.py
+
+lessons: $(STAMP)
+	$(PY) -m jupyter lab lessons/
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

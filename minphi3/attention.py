@@ -1,0 +1,93 @@
+"""Attention: the fused qkv split, the one mask rule, and grouped-query attention.
+
+The mask rule lives in `key_visible`: key k is visible to query q iff k <= q (causal),
+k > q - W (sliding window of W keys including the query itself, transformers' rule) and the key
+is not padding. Indices are absolute indices into the sequence (cache plus current tokens), not
+position ids: with left padding the two differ, and transformers masks by index.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import array_module, compute_dtype
+from .ops import softmax
+
+
+def split_qkv(qkv, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Split the fused qkv projection into heads: three contiguous blocks Q | K | V, not thirds.
+
+    qkv: [batch, seq, (heads + 2 * kv_heads) * head_dim]
+    -> q: [batch, heads, seq, head_dim], k, v: [batch, kv_heads, seq, head_dim]
+    With grouped-query attention the K and V blocks are narrower than Q.
+    """
+    q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[..., :q_width]
+    k = qkv[..., q_width : q_width + kv_width]
+    v = qkv[..., q_width + kv_width :]
+    return split_heads(q, num_heads), split_heads(k, num_kv_heads), split_heads(v, num_kv_heads)
+
+
+def split_heads(x, num_heads: int):
+    """[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]."""
+    batch, seq, width = x.shape
+    return x.reshape(batch, seq, num_heads, width // num_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """[batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]."""
+    batch, heads, seq, head_dim = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch, seq, heads * head_dim)
+
+
+def key_visible(query_index, key_index, sliding_window: int | None):
+    """The causal and sliding-window rule: may query q see key k?
+
+    query_index: [..., seq, 1], key_index: [..., 1, kv_seq] (broadcastable integer arrays)
+    -> bool [..., seq, kv_seq]
+    visible = k <= q, and with a window W also k > q - W (W keys including the query itself).
+    """
+    visible = key_index <= query_index
+    if sliding_window is not None:
+        visible &= key_index > query_index - sliding_window
+    return visible
+
+
+def attention_mask(query_index, key_index, key_padding=None, sliding_window: int | None = None):
+    """The one boolean mask: causal AND sliding window AND not padding.
+
+    query_index: [seq] absolute indices of the queries,
+    key_index: [kv_seq] absolute indices of the keys (negative for an empty cache slot),
+    key_padding: [batch, kv_seq] bool, True for real tokens (None: all real)
+    -> bool [batch or 1, 1, seq, kv_seq]
+    """
+    visible = key_visible(query_index[:, None], key_index[None, :], sliding_window) & (key_index >= 0)[None, :]
+    visible = visible[None, None, :, :]
+    if key_padding is not None:
+        visible = visible & key_padding[:, None, None, :]
+    return visible
+
+
+def grouped_query_attention(q, k, v, mask, scale: float, return_weights: bool = False):
+    """softmax(q k^T * scale, masked) v, with each key/value head serving a group of query heads.
+
+    q: [batch, heads, seq, head_dim], k, v: [batch, kv_heads, kv_seq, head_dim],
+    mask: bool [batch or 1, 1, seq, kv_seq] -> out: [batch, heads, seq, head_dim],
+    weights: [batch, heads, seq, kv_seq] or None
+    Query head h uses key/value head h // (heads / kv_heads) (transformers' `repeat_kv`, the same
+    as np.repeat on the head axis). The grouping is done by a reshape, so keys are never copied.
+    Masked scores are set to the dtype's lowest finite value (not -inf), so a row with every key
+    masked (a left-padding query) gets a uniform distribution rather than NaN, as in transformers.
+    Scores are softmaxed in at least float32.
+    """
+    xp = array_module(q)
+    batch, heads, seq, head_dim = q.shape
+    kv_heads, kv_seq = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    q_grouped = q.reshape(batch, kv_heads, groups * seq, head_dim)
+    scores = (q_grouped @ k.transpose(0, 1, 3, 2)).reshape(batch, heads, seq, kv_seq) * scale
+    wide = compute_dtype(scores.dtype)
+    scores = xp.where(mask, scores.astype(wide, copy=False), np.finfo(scores.dtype).min)
+    weights = softmax(scores).astype(v.dtype, copy=False)
+    out = (weights.reshape(batch, kv_heads, groups * seq, kv_seq) @ v).reshape(batch, heads, seq, head_dim)
+    return out, (weights if return_weights else None)

@@ -1,0 +1,151 @@
+"""The KV cache: each layer's keys and values, preallocated, written in place.
+
+Layout per layer: keys and values `[batch, kv_heads, capacity, head_dim]`. The token with absolute
+index i (0 for the first token ever fed) lives in slot `i % capacity`, and `slot_index[slot]`
+remembers which i that is (-1 for an empty slot). For a model without a sliding window the
+capacity covers the whole text, so slot == index. For a sliding-window model the buffer rolls:
+a query only ever needs the W - 1 keys before it, so `capacity = W` is enough for one new token
+per step and memory stays bounded however long the text. A step that feeds T tokens at once
+needs W - 1 + T slots; the buffer grows for that step and shrinks back after it.
+
+The attention mask is built from `slot_index` (absolute indices) and `key_padding` (per slot,
+from the attention mask), so the rule in `attention.attention_mask` is the same with or without
+a cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class LayerCache:
+    """Keys and values of one decoder layer. keys, values: [batch, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, keys, values):
+        self.keys = keys
+        self.values = values
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, plus the bookkeeping the mask needs.
+
+    length: how many tokens (per row, padding included) have been written.
+    slot_index: [capacity] absolute index held by each slot, -1 when empty.
+    key_padding: [batch, capacity] True where the slot holds a real (non-padding) token.
+    """
+
+    def __init__(self, config, batch_size: int, capacity: int, xp=np, dtype=np.float32):
+        window = config.sliding_window if config.is_phi3 else None
+        self.sliding_window = window
+        self.batch_size = batch_size
+        self.num_layers = config.num_hidden_layers
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.xp = xp
+        self.dtype = np.dtype(dtype)
+        if window is not None:
+            capacity = min(capacity, window)
+        self.length = 0
+        self.long_rope = False  # whether the cached keys were rotated with LongRoPE's long factors
+        self._allocate(max(int(capacity), 1))
+
+    # ---- storage ----------------------------------------------------------------------------
+    def _allocate(self, capacity: int):
+        shape = (self.batch_size, self.kv_heads, capacity, self.head_dim)
+        self.layers = [
+            LayerCache(self.xp.zeros(shape, dtype=self.dtype), self.xp.zeros(shape, dtype=self.dtype))
+            for _ in range(self.num_layers)
+        ]
+        self.slot_index = self.xp.full((capacity,), -1, dtype=np.int64)
+        self.key_padding = self.xp.zeros((self.batch_size, capacity), dtype=bool)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.slot_index.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cache, in bytes (keys, values and bookkeeping)."""
+        tensors = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+        return int(tensors + self.slot_index.nbytes + self.key_padding.nbytes)
+
+    def reset(self):
+        """Forget everything (used when LongRoPE switches to its long factors: every cached key
+        was rotated with the short ones and must be computed again)."""
+        self.length = 0
+        self.long_rope = False
+        self.slot_index[:] = -1
+        self.key_padding[:] = False
+
+    def _resize(self, capacity: int):
+        """Move to a buffer of another capacity, keeping the newest tokens at slot = index % capacity."""
+        xp = self.xp
+        old_layers, old_slot_index, old_padding = self.layers, self.slot_index, self.key_padding
+        self._allocate(capacity)
+        kept = xp.nonzero(old_slot_index >= 0)[0]
+        kept = kept[old_slot_index[kept] >= self.length - capacity]
+        new_slots = old_slot_index[kept] % capacity
+        self.slot_index[new_slots] = old_slot_index[kept]
+        self.key_padding[:, new_slots] = old_padding[:, kept]
+        for new, old in zip(self.layers, old_layers):
+            new.keys[:, :, new_slots] = old.keys[:, :, kept]
+            new.values[:, :, new_slots] = old.values[:, :, kept]
+
+    # ---- one forward step ---------------------------------------------------------------------
+    def begin_step(self, num_new: int, new_padding=None):
+        """Reserve slots for `num_new` tokens and record their padding.
+
+        new_padding: [batch, num_new] bool (True = real token) or None.
+        -> slots: [num_new] slot of each new token, query_index: [num_new] their absolute indices
+        """
+        xp = self.xp
+        needed = self.length + num_new
+        if self.sliding_window is not None:
+            needed = min(needed, self.sliding_window - 1 + num_new)
+        if needed > self.capacity:
+            # Grow geometrically when no window bounds the text, so repeated calls stay cheap.
+            grown = needed if self.sliding_window is not None else max(needed, 2 * self.capacity)
+            self._resize(grown)
+        query_index = self.length + xp.arange(num_new, dtype=np.int64)
+        slots = query_index % self.capacity
+        self.slot_index[slots] = query_index
+        self.key_padding[:, slots] = True if new_padding is None else new_padding
+        return slots, query_index
+
+    def write(self, layer: int, slots, keys, values):
+        """Store one layer's new keys and values. keys, values: [batch, kv_heads, num_new, head_dim].
+
+        -> (keys, values, key_index, key_padding) to attend over: the slots in use so far.
+        """
+        cache = self.layers[layer]
+        if slots.shape[0] == 1 or _is_contiguous_run(slots):
+            start = int(slots[0])
+            cache.keys[:, :, start : start + slots.shape[0]] = keys
+            cache.values[:, :, start : start + slots.shape[0]] = values
+        else:
+            cache.keys[:, :, slots] = keys
+            cache.values[:, :, slots] = values
+        used = self.used_slots(int(slots.shape[0]))
+        return cache.keys[:, :, :used], cache.values[:, :, :used], self.slot_index[:used], self.key_padding[:, :used]
+
+    def used_slots(self, num_new: int) -> int:
+        """How many leading slots hold tokens once this step's tokens are written."""
+        return min(self.length + num_new, self.capacity)
+
+    def end_step(self, num_new: int):
+        """Advance past the step's tokens; give back memory a long chunk borrowed from a window."""
+        self.length += num_new
+        if self.sliding_window is not None and self.capacity > self.sliding_window:
+            self._resize(self.sliding_window)
+
+
+def _is_contiguous_run(slots) -> bool:
+    """True when the slots are consecutive (no wrap-around), so a plain slice can be written."""
+    first, last = int(slots[0]), int(slots[-1])
+    return last - first == slots.shape[0] - 1
+
+
+def new_cache(config, batch_size: int, capacity: int, xp=np, dtype=np.float32) -> KVCache:
+    """A KV cache for `batch_size` rows and up to `capacity` tokens (a window model keeps at most W)."""
+    return KVCache(config, batch_size, capacity, xp=xp, dtype=dtype)
+

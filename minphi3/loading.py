@@ -1,0 +1,125 @@
+"""`minphi3.load`: a checkpoint folder (config.json + safetensors) or a GGUF file -> a Model.
+
+Loading reads one tensor at a time into its final dtype and, for the GPU, uploads it at once, so
+host memory never holds a second full copy of the weights. Before anything is read, the memory
+the weights need is compared with what the machine has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .backend import get_array_module, resolve_dtype, to_device
+from .checkpoint import PICKLE_SUFFIXES, check_tensor_names, checkpoint_files, read_all_headers, read_tensor
+from .config import ModelConfig, config_from_dict, load_config
+from .errors import CheckpointError, ResourceError
+from .model import Model, parameter_shapes
+
+
+def load(path, backend: str = "numpy", dtype: str = "float32", progress: bool = False) -> Model:
+    """Load a Phi-3-family (or Phi) checkpoint.
+
+    path: a Hugging Face folder (config.json + model.safetensors or a sharded index) or a .gguf file.
+    backend: "numpy" (CPU) or "cupy" (GPU). dtype: "float32" | "float64" | "float16".
+    progress: show a progress bar (tqdm) while reading tensors.
+    """
+    xp = get_array_module(backend)
+    dtype = resolve_dtype(dtype)
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES and path.is_file():
+        raise CheckpointError(
+            f"{path}: pickle checkpoints are refused: unpickling can run arbitrary code. "
+            "Convert it to safetensors on a trusted machine first"
+        )
+    if path.suffix == ".gguf":
+        return _load_gguf(path, xp, dtype, progress)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint folder (config.json + *.safetensors) or a .gguf file")
+    config = load_config(path)
+    check_memory(config, dtype, xp)
+    files = checkpoint_files(path)
+    infos = read_all_headers(files)
+    expected = parameter_shapes(config)
+    ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    check_tensor_names({name: info.shape for name, info in infos.items()}, expected, path, ignored)
+    params = {}
+    for name in _progress(list(expected), progress, f"loading {path.name}"):
+        params[name] = to_device(read_tensor(infos[name], dtype), xp)
+    return Model(config, params, xp=xp, dtype=dtype)
+
+
+def _load_gguf(path: Path, xp, dtype, progress: bool) -> Model:
+    from .gguf import read_gguf_checkpoint  # noqa: PLC0415 - the gguf package is needed only here
+
+    config_dict, tensors = read_gguf_checkpoint(path)
+    config = config_from_dict(config_dict, source=str(path))
+    check_memory(config, dtype, xp)
+    expected = parameter_shapes(config)
+    check_tensor_names({name: tuple(t.shape) for name, t in tensors.items()}, expected, path)
+    params = {}
+    for name in _progress(list(expected), progress, f"loading {path.name}"):
+        params[name] = to_device(np.ascontiguousarray(tensors.pop(name), dtype=dtype), xp)
+    return Model(config, params, xp=xp, dtype=dtype)
+
+
+def model_from_parameters(config: ModelConfig, params: dict, backend: str = "numpy", dtype: str = "float32") -> Model:
+    """A Model from a config and a {name: array} dict already in memory (tests, converters)."""
+    xp = get_array_module(backend)
+    dtype = resolve_dtype(dtype)
+    expected = parameter_shapes(config)
+    check_tensor_names({name: tuple(np.shape(a)) for name, a in params.items()}, expected, "parameters")
+    return Model(config, {name: to_device(np.asarray(params[name], dtype=dtype), xp) for name in expected}, xp=xp, dtype=dtype)
+
+
+def weights_nbytes(config: ModelConfig, dtype) -> int:
+    """Bytes the weights take at `dtype`."""
+    return config.num_parameters() * np.dtype(dtype).itemsize
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the machine can still give (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(config: ModelConfig, dtype, xp, extra_bytes: int = 0) -> None:
+    """Refuse clearly, before allocating, a model whose weights (plus `extra_bytes`) cannot fit."""
+    needed = weights_nbytes(config, dtype) + extra_bytes
+    if xp is np:
+        available = available_memory_bytes()
+        where = "this machine has"
+    else:
+        free, _total = xp.cuda.runtime.memGetInfo()
+        available = int(free)
+        where = "the GPU has"
+    if available is not None and needed > available:
+        raise ResourceError(
+            f"the model needs {_human(needed)} at {np.dtype(dtype).name} ({config.num_parameters():,} parameters) "
+            f"but {where} {_human(available)} available; use a smaller dtype or a smaller model"
+        )
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes} B"
+
+
+def _progress(items: list, enabled: bool, description: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm  # noqa: PLC0415
+
+    return tqdm(items, desc=description, unit="tensor", leave=False)

@@ -1,0 +1,434 @@
+"""The decoder: embedding, layers, final norm and head, for Phi-3 and for the older Phi.
+
+Reading order: `parameter_shapes` (what the checkpoint holds), the two decoder layers side by
+side (`phi3_decoder_layer`: two pre-norm residual steps with RMSNorm and a gated SiLU MLP;
+`phi_decoder_layer`: one LayerNorm feeding attention and a GELU MLP in parallel), the shared
+`self_attention` step they both call, then `Model.__call__`, the forward pass top to bottom.
+
+Parameters are a plain dict keyed by the checkpoint's own tensor names
+(`model.layers.0.self_attn.qkv_proj.weight`), so the safetensors index can sit next to the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .attention import attention_mask, grouped_query_attention, merge_heads, split_heads, split_qkv
+from .backend import array_module, compute_dtype, to_device, to_numpy
+from .cache import KVCache
+from .errors import GenerationError
+from .mlp import gated_mlp, gelu_mlp
+from .ops import layer_norm, linear, log_softmax, rms_norm
+from .rope import apply_rope, inverse_frequencies_for, rope_cos_sin, table_dtype, use_long_factors
+
+IGNORE_INDEX = -100
+
+
+# ---- what the checkpoint holds ------------------------------------------------------------------
+def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every tensor the checkpoint must hold, by name, with its shape ([out, in] for projections)."""
+    h, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q_width, kv_width = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if config.is_phi3:
+            shapes.update({
+                p + "input_layernorm.weight": (h,),
+                p + "self_attn.qkv_proj.weight": (q_width + 2 * kv_width, h),
+                p + "self_attn.o_proj.weight": (h, q_width),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "mlp.gate_up_proj.weight": (2 * inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+            })
+        else:
+            shapes.update({
+                p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
+                p + "self_attn.q_proj.weight": (q_width, h), p + "self_attn.q_proj.bias": (q_width,),
+                p + "self_attn.k_proj.weight": (kv_width, h), p + "self_attn.k_proj.bias": (kv_width,),
+                p + "self_attn.v_proj.weight": (kv_width, h), p + "self_attn.v_proj.bias": (kv_width,),
+                p + "self_attn.dense.weight": (h, q_width), p + "self_attn.dense.bias": (h,),
+                p + "mlp.fc1.weight": (inter, h), p + "mlp.fc1.bias": (inter,),
+                p + "mlp.fc2.weight": (h, inter), p + "mlp.fc2.bias": (h,),
+            })
+            if config.qk_layernorm:
+                for name in ("q_layernorm", "k_layernorm"):
+                    shapes[p + f"self_attn.{name}.weight"] = (d,)
+                    shapes[p + f"self_attn.{name}.bias"] = (d,)
+    if config.is_phi3:
+        shapes["model.norm.weight"] = (h,)
+    else:
+        shapes["model.final_layernorm.weight"] = (h,)
+        shapes["model.final_layernorm.bias"] = (h,)
+    shapes.update(_head_shapes(config))
+    return shapes
+
+
+def _head_shapes(config) -> dict[str, tuple[int, ...]]:
+    h = config.hidden_size
+    if config.head_kind == "sequence_classification":
+        return {"score.weight": (config.num_labels, h)}
+    if config.head_kind == "token_classification":
+        return {"score.weight": (config.num_labels, h), "score.bias": (config.num_labels,)}
+    if config.tie_word_embeddings:
+        return {}  # the head *is* the embedding matrix; no lm_head tensor is stored
+    shapes = {"lm_head.weight": (config.vocab_size, h)}
+    if not config.is_phi3:
+        shapes["lm_head.bias"] = (config.vocab_size,)
+    return shapes
+
+
+def layer_parameters(params: dict, index: int) -> dict:
+    """One layer's tensors with the `model.layers.{index}.` prefix removed (the same arrays, no copy)."""
+    prefix = f"model.layers.{index}."
+    return {name[len(prefix):]: array for name, array in params.items() if name.startswith(prefix)}
+
+
+# ---- the steps ----------------------------------------------------------------------------------
+@dataclass
+class StepContext:
+    """What every layer of one forward call shares: rope tables, mask inputs and the cache.
+
+    cos, sin: [batch, seq, rotary_dim]; query_index: [seq]; key_index: [kv_seq] (without cache);
+    key_padding: [batch, kv_seq] bool or None; slots: cache slots of the new tokens (with cache).
+    """
+
+    cos: Any
+    sin: Any
+    query_index: Any
+    key_index: Any
+    key_padding: Any
+    cache: KVCache | None
+    slots: Any
+    output_attentions: bool
+
+
+def self_attention(q, k, v, weights_out, bias_out, config, layer: int, step: StepContext):
+    """The attention step both families share: rotate, cache, attend, project out.
+
+    q: [batch, heads, seq, head_dim], k, v: [batch, kv_heads, seq, head_dim]
+    -> out: [batch, seq, hidden], attention weights [batch, heads, seq, kv_seq] or None
+    """
+    q = apply_rope(q, step.cos, step.sin, config.rotary_dim)
+    k = apply_rope(k, step.cos, step.sin, config.rotary_dim)
+    key_index, key_padding = step.key_index, step.key_padding
+    if step.cache is not None:
+        k, v, key_index, key_padding = step.cache.write(layer, step.slots, k, v)
+    window = config.sliding_window if config.is_phi3 else None
+    mask = attention_mask(step.query_index, key_index, key_padding, window)
+    out, weights = grouped_query_attention(q, k, v, mask, config.head_dim**-0.5, step.output_attentions)
+    return linear(merge_heads(out), weights_out, bias_out), weights
+
+
+def phi3_decoder_layer(x, w: dict, config, layer: int, step: StepContext):
+    """One Phi-3 layer: two pre-norm residual steps.
+
+    x: [batch, seq, hidden] -> ([batch, seq, hidden], attention weights or None)
+    a = x + Attention(RMSNorm(x));  y = a + MLP(RMSNorm(a))
+    """
+    normed = rms_norm(x, w["input_layernorm.weight"], config.rms_norm_eps)
+    qkv = linear(normed, w["self_attn.qkv_proj.weight"])
+    q, k, v = split_qkv(qkv, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    attended, weights = self_attention(q, k, v, w["self_attn.o_proj.weight"], None, config, layer, step)
+    x = x + attended
+    normed = rms_norm(x, w["post_attention_layernorm.weight"], config.rms_norm_eps)
+    return x + gated_mlp(normed, w["mlp.gate_up_proj.weight"], w["mlp.down_proj.weight"]), weights
+
+
+def phi_decoder_layer(x, w: dict, config, layer: int, step: StepContext):
+    """One Phi (phi-1/1.5/2) layer: one LayerNorm feeds attention and MLP in parallel.
+
+    x: [batch, seq, hidden] -> ([batch, seq, hidden], attention weights or None)
+    n = LayerNorm(x);  y = Attention(n) + MLP(n) + x
+    q, k, v come from separate projections with biases; with qk_layernorm, q and k are
+    layer-normed per head before the rotation.
+    """
+    eps = config.layer_norm_eps
+    normed = layer_norm(x, w["input_layernorm.weight"], w["input_layernorm.bias"], eps)
+    q = split_heads(linear(normed, w["self_attn.q_proj.weight"], w["self_attn.q_proj.bias"]), config.num_attention_heads)
+    k = split_heads(linear(normed, w["self_attn.k_proj.weight"], w["self_attn.k_proj.bias"]), config.num_key_value_heads)
+    v = split_heads(linear(normed, w["self_attn.v_proj.weight"], w["self_attn.v_proj.bias"]), config.num_key_value_heads)
+    if config.qk_layernorm:
+        q = layer_norm(q, w["self_attn.q_layernorm.weight"], w["self_attn.q_layernorm.bias"], eps)
+        k = layer_norm(k, w["self_attn.k_layernorm.weight"], w["self_attn.k_layernorm.bias"], eps)
+    attended, weights = self_attention(
+        q, k, v, w["self_attn.dense.weight"], w["self_attn.dense.bias"], config, layer, step
+    )
+    feed_forward = gelu_mlp(normed, w["mlp.fc1.weight"], w["mlp.fc1.bias"], w["mlp.fc2.weight"], w["mlp.fc2.bias"])
+    return attended + feed_forward + x, weights
+
+
+def final_norm(x, params: dict, config):
+    """The norm after the last layer. x: [batch, seq, hidden] -> [batch, seq, hidden]"""
+    if config.is_phi3:
+        return rms_norm(x, params["model.norm.weight"], config.rms_norm_eps)
+    return layer_norm(x, params["model.final_layernorm.weight"], params["model.final_layernorm.bias"], config.layer_norm_eps)
+
+
+def lm_head(x, params: dict, config):
+    """Logits over the vocabulary. x: [batch, seq, hidden] -> [batch, seq, vocab]
+
+    A tied model (Phi-4-mini) multiplies by the embedding matrix itself.
+    """
+    if config.tie_word_embeddings:
+        return linear(x, params["model.embed_tokens.weight"])
+    return linear(x, params["lm_head.weight"], params.get("lm_head.bias"))
+
+
+def keep_positions(x, logits_to_keep):
+    """transformers' `logits_to_keep`: an int n keeps the last n positions (0 keeps all);
+    a 1-D sequence of indices keeps those positions. x: [batch, seq, ...] -> [batch, kept, ...]"""
+    if isinstance(logits_to_keep, (int, np.integer)):
+        if logits_to_keep < 0:
+            raise GenerationError(f"logits_to_keep must be >= 0, found {logits_to_keep}")
+        return x if logits_to_keep == 0 else x[:, -int(logits_to_keep):]
+    indices = np.asarray(to_numpy(logits_to_keep))
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+        raise GenerationError("logits_to_keep must be an int or a 1-D sequence of position indices")
+    xp = array_module(x)
+    return x[:, xp.asarray(indices)]
+
+
+def causal_lm_loss(logits, labels):
+    """Mean next-token cross-entropy: position t predicts labels[t + 1]; label -100 is ignored.
+
+    logits: [batch, seq, vocab], labels: [batch, seq] (unshifted, as transformers takes them) -> scalar
+    """
+    xp = array_module(logits)
+    return cross_entropy(logits[:, :-1], xp.asarray(labels)[:, 1:])
+
+
+def cross_entropy(logits, targets):
+    """Mean of -log softmax(logits)[target] over targets that are not -100; in at least float32.
+
+    logits: [..., classes], targets: [...] integers -> scalar
+    """
+    xp = array_module(logits)
+    log_probs = log_softmax(logits)
+    counted = targets != IGNORE_INDEX
+    safe_targets = xp.where(counted, targets, 0)
+    picked = xp.take_along_axis(log_probs, safe_targets[..., None].astype(np.int64), axis=-1)[..., 0]
+    return -(picked * counted).sum() / xp.maximum(counted.sum(), 1)
+
+
+def last_non_pad_index(input_ids, pad_token_id):
+    """Per row, the rightmost position whose token is not the pad token (transformers' pooling rule).
+
+    input_ids: [batch, seq] -> [batch]. Rows made only of pad tokens pool position 0.
+    """
+    if pad_token_id is None:
+        return np.full(input_ids.shape[0], input_ids.shape[1] - 1)
+    positions = np.arange(input_ids.shape[1])
+    return np.argmax(positions * (input_ids != pad_token_id), axis=-1)
+
+
+def sequence_classification_loss(pooled, labels, config):
+    """transformers' rule: 1 label -> mean squared error; integer labels -> cross-entropy;
+    otherwise (multi-hot floats) -> binary cross-entropy with logits. pooled: [batch, num_labels]"""
+    xp = array_module(pooled)
+    labels = xp.asarray(labels)
+    wide = pooled.astype(compute_dtype(pooled.dtype), copy=False)
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype.kind in "iu":
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        return xp.mean((wide.reshape(labels.shape) - labels.astype(wide.dtype)) ** 2)
+    if problem == "single_label_classification":
+        return cross_entropy(wide, labels.reshape(-1))
+    labels = labels.astype(wide.dtype)
+    # log(1 + exp(-|x|)) form keeps BCE finite for large logits.
+    losses = xp.maximum(wide, 0) - wide * labels + xp.log1p(xp.exp(-xp.abs(wide)))
+    return xp.mean(losses)
+
+
+DECODER_LAYERS = {"phi3": phi3_decoder_layer, "phi": phi_decoder_layer}
+
+
+# ---- the model ---------------------------------------------------------------------------------
+@dataclass
+class ModelOutput:
+    """What a forward call returns, laid out as transformers lays it out.
+
+    logits: [batch, kept, vocab] (causal LM), [batch, num_labels] (sequence classification) or
+    [batch, seq, num_labels] (token classification). hidden_states: num_layers + 1 arrays
+    [batch, seq, hidden]: the embeddings, the output of every layer but the last, and the final
+    normed state. attentions: one [batch, heads, seq, kv_seq] per layer. loss: a scalar or None.
+    """
+
+    logits: Any
+    loss: Any = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    cache: KVCache | None = None
+
+
+class Model:
+    """A loaded checkpoint: config, parameters and the backend they live on. Call it to run it.
+
+    model.config: ModelConfig; model.params: {checkpoint tensor name: array}; model.xp: numpy or
+    cupy; model.dtype: the compute dtype.
+    """
+
+    def __init__(self, config, params: dict, xp=np, dtype=np.float32):
+        self.config = config
+        self.params = params
+        self.xp = xp
+        self.dtype = np.dtype(dtype)
+        self.layers = [layer_parameters(params, i) for i in range(config.num_hidden_layers)]
+        self.decoder_layer = DECODER_LAYERS[config.model_type]
+
+    @property
+    def backend(self) -> str:
+        return "numpy" if self.xp is np else "cupy"
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """An empty KV cache for `batch_size` rows and up to `capacity` tokens, on this model's backend."""
+        return KVCache(self.config, batch_size, capacity, xp=self.xp, dtype=self.dtype)
+
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        logits_to_keep=0,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        """Run the model.
+
+        input_ids: [batch, seq] integers (nested lists accepted); attention_mask: [batch, seq] (or
+        [batch, cached + seq] with a cache), 1 for real tokens, 0 for padding; position_ids:
+        [batch, seq] (default: cached + arange(seq)); labels: [batch, seq] unshifted, -100 ignored;
+        cache: a KVCache from `new_cache`, read and extended in place.
+        """
+        config, xp = self.config, self.xp
+        ids = check_token_ids(input_ids, config.vocab_size)
+        batch, seq = ids.shape
+        past = cache.length if cache is not None else 0
+        positions = _positions(position_ids, batch, seq, past)
+        padding = _padding(attention_mask, batch, seq, past)
+        step = self._step_context(positions, padding, cache, batch, seq, output_attentions)
+
+        x = self.params["model.embed_tokens.weight"][to_device(ids, xp)]
+        hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        for index, weights in enumerate(self.layers):
+            x, attention = self.decoder_layer(x, weights, config, index, step)
+            if output_hidden_states:
+                hidden_states.append(x)
+            if output_attentions:
+                attentions.append(attention)
+        if cache is not None:
+            cache.end_step(seq)
+        x = final_norm(x, self.params, config)
+        if output_hidden_states:
+            hidden_states[-1] = x  # transformers reports the final *normed* state last
+        return self._head(x, ids, labels, logits_to_keep, hidden_states, attentions, cache)
+
+    def _step_context(self, positions, padding, cache, batch, seq, output_attentions) -> StepContext:
+        config, xp = self.config, self.xp
+        max_position = int(positions.max()) if positions.size else 0
+        if cache is not None and config.uses_longrope and cache.length > 0:
+            if use_long_factors(max_position, config.original_max_position_embeddings) != cache.long_rope:
+                raise GenerationError(
+                    "this call crosses LongRoPE's switch at original_max_position_embeddings="
+                    f"{config.original_max_position_embeddings}: the cached keys were rotated with the other "
+                    "factors; reset the cache and feed the whole sequence again (minphi3.generate does this)"
+                )
+        if cache is not None:
+            if cache.batch_size != batch:
+                raise GenerationError(f"the cache holds {cache.batch_size} rows but input_ids has {batch}")
+            cache.long_rope = config.uses_longrope and use_long_factors(max_position, config.original_max_position_embeddings)
+        inv_freq = inverse_frequencies_for(config, max_position, table_dtype(self.dtype))
+        cos, sin = rope_cos_sin(inv_freq, to_device(positions, xp), config.attention_factor, self.dtype)
+        new_padding = None if padding is None else to_device(padding[:, -seq:], xp)
+        if cache is not None:
+            slots, query_index = cache.begin_step(seq, new_padding)
+            return StepContext(cos, sin, query_index, None, None, cache, slots, output_attentions)
+        index = xp.arange(seq, dtype=np.int64)
+        return StepContext(cos, sin, index, index, new_padding, None, None, output_attentions)
+
+    def _head(self, x, ids, labels, logits_to_keep, hidden_states, attentions, cache) -> ModelOutput:
+        config, xp = self.config, self.xp
+        loss = None
+        if config.head_kind == "sequence_classification":
+            scores = linear(x, self.params["score.weight"])
+            if config.pad_token_id is None and ids.shape[0] != 1:
+                raise GenerationError("sequence classification of a batch needs pad_token_id in config.json")
+            rows = xp.arange(ids.shape[0])
+            logits = scores[rows, to_device(last_non_pad_index(ids, config.pad_token_id), xp)]
+            if labels is not None:
+                loss = sequence_classification_loss(logits, labels, config)
+        elif config.head_kind == "token_classification":
+            logits = linear(x, self.params["score.weight"], self.params["score.bias"])
+            if labels is not None:
+                loss = cross_entropy(logits, xp.asarray(labels))
+        else:
+            logits = lm_head(keep_positions(x, logits_to_keep), self.params, config)
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels)
+        return ModelOutput(
+            logits=logits,
+            loss=loss,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            attentions=tuple(attentions) if attentions is not None else None,
+            cache=cache,
+        )
+
+
+# ---- input checks -------------------------------------------------------------------------------
+def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
+    """input_ids as a host int64 array [batch, seq], every id in [0, vocab_size)."""
+    try:
+        ids = np.asarray(to_numpy(input_ids))
+    except (ValueError, TypeError) as exc:
+        raise GenerationError(f"input_ids must be a [batch, seq] array of integers ({exc})") from None
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2:
+        raise GenerationError(f"input_ids must be [batch, seq]; found {ids.ndim} dimensions")
+    if ids.size == 0:
+        raise GenerationError("input_ids is empty: give at least one token")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise GenerationError(f"input_ids must hold integers, found {ids.dtype}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise GenerationError(f"token id {bad} is out of range: the model has vocab_size {vocab_size} (ids 0..{vocab_size - 1})")
+    return ids.astype(np.int64, copy=False)
+
+
+def _positions(position_ids, batch: int, seq: int, past: int) -> np.ndarray:
+    if position_ids is None:
+        return np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq))
+    positions = np.asarray(to_numpy(position_ids))
+    if positions.ndim == 1:
+        positions = positions[None, :]
+    if positions.shape[-1] != seq or positions.shape[0] not in (1, batch) or not np.issubdtype(positions.dtype, np.integer):
+        raise GenerationError(f"position_ids must be integers of shape [batch, {seq}], found {positions.dtype} {list(positions.shape)}")
+    if positions.size and positions.min() < 0:
+        raise GenerationError("position_ids must be non-negative")
+    return np.broadcast_to(positions.astype(np.int64), (batch, seq))
+
+
+def _padding(attention_mask, batch: int, seq: int, past: int) -> np.ndarray | None:
+    """The attention mask as bool [batch, past + seq] (or [batch, seq]); None when absent."""
+    if attention_mask is None:
+        return None
+    mask = np.asarray(to_numpy(attention_mask))
+    if mask.ndim != 2 or mask.shape[0] != batch or mask.shape[1] not in (seq, past + seq):
+        raise GenerationError(
+            f"attention_mask must be [batch, seq] = [{batch}, {seq}] (or [{batch}, {past + seq}] with a cache), "
+            f"found {list(mask.shape)}"
+        )
+    return mask.astype(bool)

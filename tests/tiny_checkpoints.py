@@ -1,0 +1,202 @@
+"""Tiny random checkpoints written by transformers itself, the oracle every parity test runs against.
+
+Weights are redrawn from N(0, 0.3) (transformers' init is too flat to make sharp logits), saved
+with `save_pretrained` (safetensors), and the torch model is returned loaded back in float32 (or
+float64) with eager attention: transformers 5 otherwise keeps the stored dtype and uses sdpa.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TINY_PHI3 = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    original_max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+TINY_PHI = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    layer_norm_eps=1e-5,
+    partial_rotary_factor=0.5,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def longrope_scaling(rotary_dim: int, seed: int = 0, **extra) -> dict:
+    """A LongRoPE `rope_scaling` dict with distinct short and long factor lists."""
+    rng = np.random.default_rng(seed)
+    half = rotary_dim // 2
+    return {
+        "type": "longrope",
+        "short_factor": [float(x) for x in 1.0 + rng.random(half)],
+        "long_factor": [float(x) for x in 1.0 + 8 * np.sort(rng.random(half))],
+        **extra,
+    }
+
+
+def randomize(model, seed: int = 0, std: float = 0.3):
+    """Redraw every parameter from N(0, std) (norm gains around 1) so that logits are sharp."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32) * std
+            if "norm" in name and name.endswith("weight"):
+                noise = 1.0 + noise
+            parameter.copy_(noise.to(parameter.dtype))
+    return model
+
+
+def save_tiny(folder, architecture: str = "Phi3ForCausalLM", seed: int = 0, storage_dtype="float32",
+              max_shard_size=None, **config_overrides):
+    """Write a tiny random checkpoint with transformers; -> the folder.
+
+    architecture: a transformers class name (Phi3ForCausalLM, Phi3ForSequenceClassification,
+    Phi3ForTokenClassification, PhiForCausalLM, ...). storage_dtype: float32 | bfloat16 | float16.
+    """
+    import torch
+    import transformers
+
+    is_phi = architecture.startswith("Phi") and not architecture.startswith("Phi3")
+    config_class = transformers.PhiConfig if is_phi else transformers.Phi3Config
+    settings = dict(TINY_PHI if is_phi else TINY_PHI3)
+    settings.update(config_overrides)
+    config = config_class(**settings)
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config)
+    randomize(model, seed)
+    model = model.to(getattr(torch, storage_dtype))
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def load_oracle(folder, architecture: str = "Phi3ForCausalLM", dtype: str = "float32"):
+    """The transformers model for a folder, in float32/float64 with eager attention, eval mode."""
+    import torch
+    import transformers
+
+    model = getattr(transformers, architecture).from_pretrained(
+        folder, dtype=getattr(torch, dtype), attn_implementation="eager"
+    )
+    return model.eval()
+
+
+def oracle_forward(model, input_ids, **kwargs):
+    """Run the transformers model without gradients; arrays in, torch output out."""
+    import torch
+
+    tensors = {k: (torch.as_tensor(np.asarray(v)) if v is not None and not isinstance(v, (bool, int)) else v)
+               for k, v in kwargs.items()}
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(input_ids)), **tensors)
+
+
+def random_ids(batch: int, seq: int, vocab: int = 96, seed: int = 0, low: int = 3) -> np.ndarray:
+    """Token ids avoiding the special ids 0..low-1 (pad, bos, eos)."""
+    return np.random.default_rng(seed).integers(low, vocab, size=(batch, seq))
+
+
+def assert_logits_close(ours, theirs, dtype: str = "float32"):
+    """The project's tolerance: float32 max |delta| <= 1e-4 * max(1, max |logits|); float64 <= 1e-9."""
+    ours = np.asarray(ours, dtype=np.float64)
+    theirs = np.asarray(theirs, dtype=np.float64)
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    scale = max(1.0, float(np.abs(theirs).max()))
+    tolerance = 1e-4 * scale if dtype == "float32" else 1e-9 * scale
+    difference = float(np.abs(ours - theirs).max())
+    assert difference <= tolerance, f"max |delta| = {difference:.3e} > {tolerance:.1e}"
+    return difference
+
+
+class lifted_float32_islands:
+    """Context manager: transformers' float64 model with its three float32 steps done in float64.
+
+    Even in a float64 model transformers computes RMSNorm statistics, the attention softmax and the
+    rope tables (inv_freq, angles, cos, sin) in float32. Inside this context those three steps run
+    in float64 (the same formulas with the dtype changed), so the oracle is float64 throughout and
+    minphi3's float64 mode can be held to 1e-9. Works for Phi3ForCausalLM and PhiForCausalLM.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        import math
+
+        import torch
+        from transformers.models.phi import modeling_phi
+        from transformers.models.phi3 import modeling_phi3
+
+        self.saved = [
+            (modeling_phi3.Phi3RMSNorm, "forward", modeling_phi3.Phi3RMSNorm.forward),
+            (modeling_phi3, "eager_attention_forward", modeling_phi3.eager_attention_forward),
+            (modeling_phi, "eager_attention_forward", modeling_phi.eager_attention_forward),
+        ]
+
+        def rms_forward(module, hidden_states):
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            return module.weight * (hidden_states * torch.rsqrt(variance + module.variance_epsilon))
+
+        def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+            key = modeling_phi3.repeat_kv(key, module.num_key_value_groups)
+            value = modeling_phi3.repeat_kv(value, module.num_key_value_groups)
+            weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+            if attention_mask is not None:
+                weights = weights + attention_mask
+            weights = torch.nn.functional.softmax(weights, dim=-1, dtype=query.dtype)
+            return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+        config = self.model.config
+        rope = dict(config.rope_parameters)
+        head_dim = config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        rotary = self.model.model.rotary_emb
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+
+        def rotary_forward(x, position_ids):
+            exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+            factors = torch.ones(dim // 2, dtype=torch.float64)
+            if rope.get("rope_type") == "longrope":
+                long = int(position_ids.max()) + 1 > rope["original_max_position_embeddings"]
+                factors = torch.tensor(rope["long_factor" if long else "short_factor"], dtype=torch.float64)
+            inv_freq = 1.0 / (factors * rope["rope_theta"] ** exponents)
+            freqs = position_ids[..., None].to(torch.float64) * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
+
+        assert not math.isnan(scaling)
+        modeling_phi3.Phi3RMSNorm.forward = rms_forward
+        modeling_phi3.eager_attention_forward = eager
+        modeling_phi.eager_attention_forward = eager
+        self.saved.append((rotary, "forward", None))
+        rotary.forward = rotary_forward
+        return self.model
+
+    def __exit__(self, *exc):
+        for owner, name, value in self.saved:
+            if value is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+        return False
