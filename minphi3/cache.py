@@ -77,6 +77,24 @@ class KVCache:
         self.slot_index[:] = -1
         self.key_padding[:] = False
 
+    def rewind(self, length: int) -> bool:
+        """Forget every token from index `length` on, keeping the ones before it.
+
+        -> True when done; False when the tokens before `length` are no longer all held (a
+        rolling buffer that has overwritten them), in which case the cache is reset instead.
+        Used by chat to reuse the cached conversation when a re-rendered prompt differs late.
+        """
+        length = max(0, min(int(length), self.length))
+        holds_all = self.sliding_window is None or self.length <= self.capacity
+        if not holds_all:
+            self.reset()
+            return False
+        dropped = self.slot_index >= length
+        self.slot_index[dropped] = -1
+        self.key_padding[:, dropped] = False
+        self.length = length
+        return True
+
     def _resize(self, capacity: int):
         """Move to a buffer of another capacity, keeping the newest tokens at slot = index % capacity."""
         xp = self.xp

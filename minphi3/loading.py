@@ -7,6 +7,7 @@ the weights need is compared with what the machine has.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from .backend import get_array_module, resolve_dtype, to_device
 from .checkpoint import PICKLE_SUFFIXES, check_tensor_names, checkpoint_files, read_all_headers, read_tensor
 from .config import ModelConfig, config_from_dict, load_config
-from .errors import CheckpointError, ResourceError
+from .errors import CheckpointError, ConfigError, ResourceError
 from .model import Model, parameter_shapes
 
 
@@ -49,7 +50,41 @@ def load(path, backend: str = "numpy", dtype: str = "float32", progress: bool = 
     params = {}
     for name in _progress(list(expected), progress, f"loading {path.name}"):
         params[name] = to_device(read_tensor(infos[name], dtype), xp)
-    return Model(config, params, xp=xp, dtype=dtype)
+    model = Model(config, params, xp=xp, dtype=dtype)
+    model.source = path
+    model.generation_config = read_generation_config(path)
+    model.tokenizer_size = tokenizer_size(path / "tokenizer.json")
+    return model
+
+
+def read_generation_config(folder: Path) -> dict:
+    """generation_config.json as a dict ({} when absent). Its eos_token_id list is what stops
+    Phi-3 instruct models (32000, 32001, 32007), not config.json's single id."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def tokenizer_size(path: Path) -> int | None:
+    """How many ids the tokenizer in tokenizer.json can produce (None when there is none or it
+    cannot be read: the tokenizer loader reports that problem where a tokenizer is needed)."""
+    if not path.is_file():
+        return None
+    try:
+        import tokenizers  # noqa: PLC0415
+
+        return int(tokenizers.Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # tokenizers raises Rust panics as BaseException subclasses
+        return None
 
 
 def _load_gguf(path: Path, xp, dtype, progress: bool) -> Model:
@@ -63,7 +98,11 @@ def _load_gguf(path: Path, xp, dtype, progress: bool) -> Model:
     params = {}
     for name in _progress(list(expected), progress, f"loading {path.name}"):
         params[name] = to_device(np.ascontiguousarray(tensors.pop(name), dtype=dtype), xp)
-    return Model(config, params, xp=xp, dtype=dtype)
+    model = Model(config, params, xp=xp, dtype=dtype)
+    model.source = path
+    eos = config_dict.get("eos_token_id")
+    model.generation_config = {"eos_token_id": eos} if eos is not None else {}
+    return model
 
 
 def model_from_parameters(config: ModelConfig, params: dict, backend: str = "numpy", dtype: str = "float32") -> Model:

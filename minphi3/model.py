@@ -73,11 +73,11 @@ def _head_shapes(config) -> dict[str, tuple[int, ...]]:
         return {"score.weight": (config.num_labels, h)}
     if config.head_kind == "token_classification":
         return {"score.weight": (config.num_labels, h), "score.bias": (config.num_labels,)}
-    if config.tie_word_embeddings:
-        return {}  # the head *is* the embedding matrix; no lm_head tensor is stored
-    shapes = {"lm_head.weight": (config.vocab_size, h)}
+    shapes = {}
+    if not config.tie_word_embeddings:  # tied: the head *is* the embedding matrix, not stored twice
+        shapes["lm_head.weight"] = (config.vocab_size, h)
     if not config.is_phi3:
-        shapes["lm_head.bias"] = (config.vocab_size,)
+        shapes["lm_head.bias"] = (config.vocab_size,)  # Phi's head has a bias, tied or not
     return shapes
 
 
@@ -171,11 +171,11 @@ def final_norm(x, params: dict, config):
 def lm_head(x, params: dict, config):
     """Logits over the vocabulary. x: [batch, seq, hidden] -> [batch, seq, vocab]
 
-    A tied model (Phi-4-mini) multiplies by the embedding matrix itself.
+    A tied model (Phi-4-mini) multiplies by the embedding matrix itself; a Phi model adds
+    lm_head.bias [vocab] whether tied or not.
     """
-    if config.tie_word_embeddings:
-        return linear(x, params["model.embed_tokens.weight"])
-    return linear(x, params["lm_head.weight"], params.get("lm_head.bias"))
+    weight = params["model.embed_tokens.weight"] if config.tie_word_embeddings else params["lm_head.weight"]
+    return linear(x, weight, params.get("lm_head.bias"))
 
 
 def keep_positions(x, logits_to_keep):
@@ -268,6 +268,7 @@ class ModelOutput:
     hidden_states: tuple | None = None
     attentions: tuple | None = None
     cache: KVCache | None = None
+    layer_outputs: tuple | None = None  # every layer's raw output (the last one before the final norm)
 
 
 class Model:
@@ -284,6 +285,11 @@ class Model:
         self.dtype = np.dtype(dtype)
         self.layers = [layer_parameters(params, i) for i in range(config.num_hidden_layers)]
         self.decoder_layer = DECODER_LAYERS[config.model_type]
+        # Filled in by `minphi3.load` when the checkpoint has them: generation_config.json's
+        # content, the folder it came from, and how many ids the tokenizer can produce.
+        self.generation_config: dict = {}
+        self.source = None
+        self.tokenizer_size: int | None = None
 
     @property
     def backend(self) -> str:
@@ -331,9 +337,13 @@ class Model:
         if cache is not None:
             cache.end_step(seq)
         x = final_norm(x, self.params, config)
+        layer_outputs = None
         if output_hidden_states:
+            layer_outputs = tuple(hidden_states[1:])
             hidden_states[-1] = x  # transformers reports the final *normed* state last
-        return self._head(x, ids, labels, logits_to_keep, hidden_states, attentions, cache)
+        out = self._head(x, ids, labels, logits_to_keep, hidden_states, attentions, cache)
+        out.layer_outputs = layer_outputs
+        return out
 
     def _step_context(self, positions, padding, cache, batch, seq, output_attentions) -> StepContext:
         config, xp = self.config, self.xp

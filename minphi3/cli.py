@@ -1,0 +1,244 @@
+"""The command line: `python -m minphi3 {generate, chat, parity, convert} ...`.
+
+Errors a user can act on (a wrong path, a bad flag, an over-long prompt, a broken checkpoint) are
+printed as one line on stderr with exit status 2; anything unexpected exits with status 1 and a
+hint to report it. `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import MinPhi3Error
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+class UsageError(MinPhi3Error):
+    """A command line that cannot be run as written."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr, not a usage screen."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `python -m minphi3 {self.prog.split()[-1]} --help`)"
+                         if " " in self.prog else f"{message} (see `python -m minphi3 --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="minphi3", description="Phi-3 family language models in NumPy.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
+    _model_flags(generate)
+    _sampling_flags(generate)
+    generate.add_argument("prompt", help="the text to continue")
+    generate.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template")
+
+    chat = commands.add_parser("chat", help="chat with a model through its chat template")
+    _model_flags(chat)
+    _sampling_flags(chat, default_max_new_tokens=256)
+    chat.add_argument("--prompt", help="answer this one message and exit (for scripts)")
+    chat.add_argument("--system", help="a system message for the conversation")
+
+    parity = commands.add_parser("parity", help="compare every stage with transformers")
+    parity.add_argument("path", help="checkpoint folder")
+    parity.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parity.add_argument("--save", metavar="TRACE.npz", help="write every intermediate array to this file")
+    parity.add_argument("--length", type=int, default=16, help="tokens in the probe input (default 16)")
+    parity.add_argument("--seed", type=int, default=0, help="seed of the probe input")
+
+    convert = commands.add_parser("convert", help="convert a GGUF file to a Hugging Face folder")
+    convert.add_argument("input", help="the .gguf file")
+    convert.add_argument("output", help="the folder to write")
+    return parser
+
+
+def _model_flags(parser):
+    parser.add_argument("--model", help="checkpoint folder or .gguf file (default: the embedded demo model)")
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"])
+
+
+def _sampling_flags(parser, default_max_new_tokens: int = 64):
+    parser.add_argument("--max-new-tokens", type=int, default=default_max_new_tokens)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=None, help="implies --do-sample (0 means greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="implies --do-sample")
+    parser.add_argument("--top-p", type=float, default=None, help="implies --do-sample")
+    parser.add_argument("--min-p", type=float, default=None, help="implies --do-sample")
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (runs repeat exactly)")
+
+
+def _sampling_options(args) -> dict:
+    chosen = [args.temperature, args.top_k, args.top_p, args.min_p]
+    do_sample = args.do_sample or any(value is not None for value in chosen)
+    return dict(
+        do_sample=do_sample,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def _load_model_and_tokenizer(args):
+    from .loading import load  # noqa: PLC0415
+    from .tokenizer import load_tokenizer  # noqa: PLC0415
+
+    path = args.model
+    if path is None:
+        from .demo import DEMO_MODEL_NOTE, demo_model_path  # noqa: PLC0415
+
+        print(DEMO_MODEL_NOTE, flush=True)
+        path = demo_model_path()
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"--model {path}: no such file or folder")
+    model = load(path, backend=args.backend, dtype=args.dtype, progress=sys.stderr.isatty())
+    tokenizer = load_tokenizer(path)
+    if model.tokenizer_size is None:
+        model.tokenizer_size = len(tokenizer)
+    return model, tokenizer
+
+
+def run_generate(args) -> int:
+    from .generate import TextStreamer, generate  # noqa: PLC0415
+
+    model, tokenizer = _load_model_and_tokenizer(args)
+    if args.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True)
+    else:
+        ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise UsageError("the prompt is empty after tokenization")
+    stop_ids = tokenizer.stop_token_ids(model.generation_config)
+    streamer = TextStreamer(tokenizer, stop_ids=stop_ids)
+    if not args.chat_template:
+        print(args.prompt, end="", flush=True)
+    generate(model, [ids], max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids, streamer=streamer,
+             **_sampling_options(args))
+    print(flush=True)
+    return 0
+
+
+def run_chat(args) -> int:
+    from .chat import ChatSession  # noqa: PLC0415
+
+    model, tokenizer = _load_model_and_tokenizer(args)
+    session = ChatSession(model, tokenizer, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
+                          **_sampling_options(args))
+
+    def answer(text: str) -> None:
+        _, stats = session.ask(text, on_text=lambda piece: print(piece, end="", flush=True))
+        print(flush=True)
+        print(f"[{stats.prompt_tokens} prompt tokens ({session.last_reused_tokens} reused from the cache), "
+              f"{stats.new_tokens} new tokens, {stats.tokens_per_second:.1f} tokens/s]", file=sys.stderr, flush=True)
+
+    if args.prompt is not None:
+        answer(args.prompt)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a message; /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            text = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        command = text.strip()
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            session.reset()
+            continue
+        if not command:
+            continue
+        try:
+            answer(text)
+        except MinPhi3Error as exc:
+            # One bad turn (too long, say) should not end the conversation in a terminal.
+            if not interactive:
+                raise
+            print(f"minphi3: error: {exc}", file=sys.stderr)
+
+
+def run_parity(args) -> int:
+    from .loading import load  # noqa: PLC0415
+    from .parity import difference_rows, format_table, minphi3_trace, probe_ids, save_trace, transformers_trace  # noqa: PLC0415
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise UsageError(f"{path}: expected a checkpoint folder")
+    if args.length <= 0:
+        raise UsageError("--length must be positive")
+    model = load(path, dtype=args.dtype)
+    ids = probe_ids(model.config.vocab_size, min(args.length, model.config.max_position_embeddings), args.seed)
+    ours = minphi3_trace(model, ids)
+    try:
+        import transformers  # noqa: F401, PLC0415
+    except ImportError:
+        print("transformers is not installed: showing minphi3's trace only.")
+        theirs = None
+    else:
+        try:
+            theirs = transformers_trace(path, ids, args.dtype)
+        except Exception as exc:  # transformers refuses some valid configs (the 2024 "su" spelling)
+            print(f"transformers could not run this checkpoint ({type(exc).__name__}: {str(exc)[:200]})")
+            theirs = None
+    print(f"{path} ({model.config.architectures[0]}, {args.dtype}, {ids.shape[1]} tokens)")
+    if theirs is not None:
+        print(format_table(difference_rows(ours, theirs)))
+    else:
+        for name, value in ours.items():
+            print(f"{name:<14} shape {list(value.shape)}  max |x| {abs(value).max():.4e}")
+    if args.save:
+        save_trace(args.save, ours, theirs)
+        print(f"wrote {args.save}")
+    return 0
+
+
+def run_convert(args) -> int:
+    from .convert import convert_gguf  # noqa: PLC0415
+
+    source = Path(args.input)
+    if not source.is_file():
+        raise UsageError(f"{source}: no such file")
+    out = convert_gguf(source, args.output, progress=sys.stderr.isatty())
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"generate": run_generate, "chat": run_chat, "parity": run_parity, "convert": run_convert}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("missing command: one of generate, chat, parity, convert (see `python -m minphi3 --help`)")
+        return COMMANDS[args.command](args)
+    except MinPhi3Error as exc:
+        if debug:
+            raise
+        print(f"minphi3: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"minphi3: internal error: {type(exc).__name__}: {exc} "
+              "(this is a bug: please report it; --debug shows the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR

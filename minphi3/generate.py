@@ -1,0 +1,255 @@
+"""Text generation: prefill, then one token at a time with the KV cache, as transformers does.
+
+`generate` follows transformers' `generate` token for token in greedy mode:
+- left-padded batches: positions are cumsum(attention_mask) - 1 (pads at 0), each step appends
+  the last position + 1;
+- scores are the last position's logits in float32, processed in transformers' order
+  (`sampling.process_scores`), then argmax or a seeded draw;
+- a row stops at any id of the eos list (generation_config.json's list when present: Phi-3
+  instruct stops on 32000, 32001 and 32007); finished rows receive the pad id until every row is
+  done or max_new_tokens is reached;
+- LongRoPE: the first time the sequence crosses original_max_position_embeddings, every cached key
+  was rotated with the short factors, so the cache is dropped and the whole sequence fed again
+  with the long factors (transformers' `prepare_inputs_for_generation` rule).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import to_device, to_numpy
+from .cache import KVCache
+from .errors import GenerationError
+from .model import check_token_ids
+from .rope import use_long_factors
+from .sampling import make_rng, process_scores, select_next_tokens, validate_sampling_parameters
+
+
+@dataclass
+class GenerationStats:
+    """Figures of one generate call: token counts and wall-clock seconds of each phase."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    step_seconds: list = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """New tokens per second of decoding (the prefill's first token excluded)."""
+        decoded = max(self.new_tokens - 1, 0)
+        return decoded / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def resolve_eos_ids(model, eos_token_id=None) -> list[int]:
+    """The ids that end a row: the argument, else generation_config.json's list, else config.json's."""
+    if eos_token_id is None:
+        eos_token_id = model.generation_config.get("eos_token_id")
+    if eos_token_id is None:
+        eos_token_id = list(model.config.eos_token_ids)
+    ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
+    for value in ids:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < model.config.vocab_size:
+            raise GenerationError(f"eos_token_id {value!r} is not a token id below vocab_size {model.config.vocab_size}")
+    return [int(v) for v in ids]
+
+
+def prompt_positions(attention_mask: np.ndarray) -> np.ndarray:
+    """Positions of a (left-)padded prompt: cumsum(mask) - 1, padding at 0.
+
+    attention_mask: [batch, seq] of 0/1 -> [batch, seq] int64
+    """
+    positions = np.cumsum(attention_mask, axis=-1) - 1
+    return np.where(attention_mask == 0, 0, positions).astype(np.int64)
+
+
+def check_length(model, prompt_length: int, max_new_tokens) -> int:
+    """max_new_tokens must be a positive integer and prompt + new tokens must fit the context."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+        raise GenerationError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
+    limit = model.config.max_position_embeddings
+    if prompt_length + max_new_tokens > limit:
+        raise GenerationError(
+            f"the prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) is longer than the "
+            f"model's context of {limit} tokens (max_position_embeddings); shorten the prompt or ask for fewer tokens"
+        )
+    return int(max_new_tokens)
+
+
+def generate(
+    model,
+    input_ids,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    attention_mask=None,
+    eos_token_id=None,
+    streamer=None,
+    pad_token_id: int | None = None,
+    cache: KVCache | None = None,
+    stats: GenerationStats | None = None,
+) -> np.ndarray:
+    """Continue each row of `input_ids`; -> host int64 [batch, prompt + new] like transformers.
+
+    input_ids: [batch, seq] (nested lists accepted), left-padded when rows differ in length, with
+    attention_mask [batch, seq] (1 real, 0 pad). temperature == 0 means greedy. seed makes
+    sampling repeat exactly. streamer: a `TextStreamer`, or any callable given the [batch] array
+    of new ids at each step. cache: an existing KVCache holding the first `cache.length` tokens of
+    input_ids (a chat's earlier turns): only the rest is fed; the cache is left holding every
+    token but the last generated one. stats: a GenerationStats to fill with counts and timings.
+    """
+    ids = check_token_ids(input_ids, model.config.vocab_size)
+    batch, prompt_length = ids.shape
+    max_new_tokens = check_length(model, prompt_length, max_new_tokens)
+    validate_sampling_parameters(temperature, top_k, top_p, min_p, repetition_penalty)
+    if do_sample and temperature == 0:
+        do_sample = False  # temperature 0 is the limit of sharpening: greedy
+    mask = _attention_mask(attention_mask, ids)
+    eos_ids = resolve_eos_ids(model, eos_token_id)
+    pad_id = _pad_id(model, pad_token_id, eos_ids)
+    rng = make_rng(seed)
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = int(mask.sum())
+
+    if cache is None:
+        cache = model.new_cache(batch, prompt_length + max_new_tokens)
+    elif cache.batch_size != batch or cache.length > prompt_length:
+        raise GenerationError("the cache given to generate must hold a prefix of input_ids for the same batch size")
+
+    sequences = np.empty((batch, prompt_length + max_new_tokens), dtype=np.int64)
+    sequences[:, :prompt_length] = ids
+    full_mask = np.ones((batch, prompt_length + max_new_tokens), dtype=np.int64)
+    full_mask[:, :prompt_length] = mask
+    positions = np.zeros((batch, prompt_length + max_new_tokens), dtype=np.int64)
+    positions[:, :prompt_length] = prompt_positions(mask)
+    unfinished = np.ones(batch, dtype=bool)
+    length = prompt_length
+
+    for _ in range(max_new_tokens):
+        step_start = time.perf_counter()
+        fed_from = _first_uncached(model, cache, positions[:, :length], length)
+        out = model(
+            sequences[:, fed_from:length],
+            attention_mask=full_mask[:, :length],
+            position_ids=positions[:, fed_from:length],
+            logits_to_keep=1,
+            cache=cache,
+        )
+        scores = out.logits[:, -1, :]
+        scores = process_scores(
+            scores,
+            to_device(sequences[:, :length], model.xp),
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            context_mask=to_device(full_mask[:, :length], model.xp),
+            producible_vocab_size=model.tokenizer_size,
+        )
+        next_ids = to_numpy(select_next_tokens(scores, do_sample, rng)).astype(np.int64)
+        next_ids = np.where(unfinished, next_ids, pad_id)
+        sequences[:, length] = next_ids
+        positions[:, length] = positions[:, length - 1] + 1
+        length += 1
+        _stream(streamer, next_ids)
+        unfinished &= ~np.isin(next_ids, eos_ids)
+        stats.step_seconds.append(time.perf_counter() - step_start)
+        if not unfinished.any():
+            break
+    stats.new_tokens = length - prompt_length
+    stats.prefill_seconds = stats.step_seconds[0]
+    stats.decode_seconds = sum(stats.step_seconds[1:])
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
+    return sequences[:, :length]
+
+
+def _first_uncached(model, cache: KVCache, positions: np.ndarray, length: int) -> int:
+    """Where this step's input starts: after the cached tokens, or at 0 when LongRoPE's switch is
+    crossed for the first time (the cache, rotated with the short factors, is dropped)."""
+    config = model.config
+    if config.uses_longrope and cache.length > 0 and not cache.long_rope:
+        if use_long_factors(int(positions.max()), config.original_max_position_embeddings):
+            cache.reset()
+    return cache.length
+
+
+def _attention_mask(attention_mask, ids: np.ndarray) -> np.ndarray:
+    if attention_mask is None:
+        # As in transformers for Phi-3 (pad == eos): no mask means every token is real.
+        return np.ones_like(ids)
+    mask = np.asarray(to_numpy(attention_mask))
+    if mask.shape != ids.shape:
+        raise GenerationError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}")
+    if not np.isin(mask, (0, 1)).all():
+        raise GenerationError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    if (mask.sum(axis=1) == 0).any():
+        raise GenerationError("a row of attention_mask is all padding: every prompt needs at least one real token")
+    return mask.astype(np.int64)
+
+
+def _pad_id(model, pad_token_id, eos_ids: list[int]) -> int:
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    if model.config.pad_token_id is not None:
+        return model.config.pad_token_id
+    if eos_ids:
+        return eos_ids[0]
+    return 0
+
+
+def _stream(streamer, next_ids: np.ndarray) -> None:
+    if streamer is None:
+        return
+    if hasattr(streamer, "put"):
+        streamer.put(next_ids)
+    else:
+        streamer(next_ids)
+
+
+class TextStreamer:
+    """Streams the text of batch row 0 as it is generated, never splitting a UTF-8 character.
+
+    callback(text) receives each new piece (default: print it to stdout at once).
+    """
+
+    def __init__(self, tokenizer, callback=None, skip_special_tokens: bool = True, stop_ids=()):
+        from .tokenizer import IncrementalDetokenizer  # noqa: PLC0415
+
+        self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.callback = callback or (lambda text: print(text, end="", flush=True))
+        self.stop_ids = set(stop_ids)
+        self.done = False
+        self.pieces: list[str] = []
+
+    def put(self, token_ids) -> None:
+        if self.done:
+            return
+        token = int(np.asarray(token_ids).reshape(-1)[0])
+        if token in self.stop_ids:
+            self.done = True
+            return
+        self._emit(self.detokenizer.push(token))
+
+    def end(self) -> None:
+        self._emit(self.detokenizer.flush())
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.pieces.append(piece)
+            self.callback(piece)
