@@ -17,8 +17,10 @@ from .errors import (
     ResourceError,
     TokenizerError,
 )
+from .generate import TextStreamer, generate
 from .loading import load
 from .model import Model, ModelOutput
+from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -33,7 +35,11 @@ __all__ = [
     "ModelOutput",
     "ResourceError",
     "TokenizerError",
+    "TextStreamer",
+    "Tokenizer",
+    "generate",
     "load",
+    "load_tokenizer",
     "load_config",
     "to_numpy",
 ]

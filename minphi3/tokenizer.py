@@ -1,0 +1,797 @@
+"""Text in, token ids out, and back: the tokenizer, the chat template and streaming detokenization.
+
+What this module does, and why each part exists:
+
+- `load_tokenizer(path)` reads a Hugging Face folder (`tokenizer.json`, plus the optional
+  `tokenizer_config.json`, `special_tokens_map.json`, `chat_template.jinja`, `config.json` and
+  `generation_config.json`) or hands a `.gguf` file to `minphi3.gguf`. The heavy lifting (BPE,
+  byte fallback, added tokens) is done by the Rust `tokenizers` library, so that the ids are the ones
+  the model was trained with. Every call into that library is guarded: it raises Rust panics as
+  `BaseException` subclasses, which minphi3 turns into `TokenizerError`.
+- `Tokenizer` reproduces what transformers 5.23's `AutoTokenizer` does on top of `tokenizer.json`:
+  which special tokens exist, the BOS rule (the post-processor of `tokenizer.json` decides;
+  `add_bos_token` in `tokenizer_config.json` is ignored, as transformers ignores it when a
+  `tokenizer.json` is present), and, for a few tokenizer classes, the pipeline that transformers
+  rebuilds instead of reading the file (see `_rebuild_like_transformers`).
+- `Tokenizer.apply_chat_template` renders the checkpoint's own Jinja template in the same sandbox,
+  with the same options and globals as transformers, so the prompt string and its ids are equal.
+- `Tokenizer.stop_token_ids` is the union of every end-of-turn id (pitfalls.md item 19): a model that
+  ends its turn with `<|end|>` must stop there even when the config names only `<|endoftext|>`.
+- `IncrementalDetokenizer` turns ids into text one token at a time for streaming without splitting
+  a UTF-8 character (byte-fallback tokens such as `<0xE2>`) and without losing the leading space of
+  SentencePiece-style tokens (pitfalls.md item 22).
+
+What it does not do: slow (Python) tokenizers, `tokenizer.model` SentencePiece files without a
+`tokenizer.json`, batched chat rendering, `continue_final_message`, and tools given as Python
+functions (pass their JSON schemas).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import jinja2.exceptions
+import jinja2.ext
+import jinja2.nodes
+import jinja2.utils
+import numpy as np
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, decoders, pre_tokenizers
+
+from .errors import TokenizerError
+
+# The named special tokens of transformers (`SPECIAL_TOKENS_ATTRIBUTES`), in its order.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+# Tokens that end a turn in the chat formats minphi3 knows, looked up by string (never by id:
+# Phi-3, Phi-4-mini and ChatML models put them at different ids, pitfalls.md item 23).
+END_OF_TURN_TOKENS = ("<|end|>", "<|endoftext|>", "<|im_end|>")
+
+# The fields of a serialized `AddedToken` that its constructor accepts.
+_ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+# ------------------------------------------------------------------------------------------------
+# Guarded calls into the tokenizers library, and reading files
+# ------------------------------------------------------------------------------------------------
+
+
+def _guarded(source, what, fn, *args, **kwargs):
+    """Call `fn` and turn any failure of the Rust library into a TokenizerError.
+
+    tokenizers raises Rust panics as `pyo3_runtime.PanicException`, a `BaseException` subclass that
+    `except Exception` does not catch, so we catch `BaseException` and only let the two exceptions
+    through that must stop the program (Ctrl-C and `sys.exit`).
+    """
+    try:
+        return fn(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except TokenizerError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - Rust panics are BaseExceptions
+        where = f"{source}: " if source else ""
+        raise TokenizerError(f"{where}{what} failed in the tokenizers library: {type(exc).__name__}: {exc}") from None
+
+
+def _read_text(path: Path) -> str:
+    """Read a UTF-8 text file, with a TokenizerError naming it on failure."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"{path}: cannot read the file: {exc}") from None
+
+
+def _read_json_text(path: Path, required: bool):
+    """Return (text, parsed) of one JSON file, or (None, None) when an optional file is absent."""
+    if not path.is_file():
+        if required:
+            raise TokenizerError(f"{path}: file not found (a Hugging Face tokenizer folder must hold it)")
+        return None, None
+    text = _read_text(path)
+    try:
+        return text, json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+
+
+def _read_json_object(path: Path, required: bool = False) -> dict | None:
+    """Parse a JSON file that must hold an object (a dict); None when an optional file is absent."""
+    return _read_json_object_text(path, required)[1]
+
+
+def _read_json_object_text(path: Path, required: bool = False):
+    """(text, dict) of a JSON file that must hold an object."""
+    text, data = _read_json_text(path, required)
+    if data is not None and not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return text, data
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a folder
+# ------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Load the tokenizer of a Hugging Face model folder, or of a `.gguf` file.
+
+    path: a folder holding `tokenizer.json` (a path to that file also works), or a `.gguf` file.
+    Raises TokenizerError naming the file and the problem when something is missing or malformed.
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".gguf":
+        from .gguf import load_gguf_tokenizer  # noqa: PLC0415 - the GGUF reader is an optional path
+
+        return load_gguf_tokenizer(path)
+    if p.is_file() and p.suffix == ".json":
+        p = p.parent
+    return Tokenizer.from_folder(p)
+
+
+def _read_chat_templates(folder: Path, config: dict):
+    """The chat template(s) as transformers finds them: `chat_template.jinja` and `chat_templates/*.jinja`
+    take priority over `tokenizer_config.json`'s `chat_template` entry.
+
+    Returns a str, a {name: template} dict, or None.
+    """
+    templates = {}
+    single = folder / "chat_template.jinja"
+    if single.is_file():
+        templates["default"] = _read_text(single)
+    extra_dir = folder / "chat_templates"
+    if extra_dir.is_dir():
+        for file in sorted(extra_dir.glob("*.jinja")):
+            templates[file.name.removesuffix(".jinja")] = _read_text(file)
+    if list(templates) == ["default"]:
+        return templates["default"]
+    if templates:
+        return templates
+    return config.get("chat_template")
+
+
+def _merge_special_tokens_map(config: dict, special_map: dict | None) -> dict:
+    """Apply `special_tokens_map.json` the way transformers does: only for configs without an
+    `added_tokens_decoder` (older checkpoints), and then its values win over the config's."""
+    if not special_map or "added_tokens_decoder" in config:
+        return config
+    merged = dict(config)
+    for key, value in special_map.items():
+        if key in ("additional_special_tokens", "extra_special_tokens") and isinstance(value, list):
+            existing = list(merged.get("extra_special_tokens") or merged.get("additional_special_tokens") or [])
+            merged["extra_special_tokens"] = existing + [v for v in value if v not in existing]
+        else:
+            merged[key] = value
+    return merged
+
+
+def _from_folder(folder, cls) -> Tokenizer:
+    """Read every tokenizer file of a folder and build a `cls` (see `Tokenizer.from_folder`)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise TokenizerError(f"{folder}: no such folder (expected a Hugging Face model folder holding tokenizer.json)")
+    if not folder.is_dir():
+        raise TokenizerError(f"{folder}: not a folder (expected a folder holding tokenizer.json, or a .gguf file)")
+    tokenizer_file = folder / "tokenizer.json"
+    spec_text, spec = _read_json_object_text(tokenizer_file, required=True)
+    config = _read_json_object(folder / "tokenizer_config.json") or {}
+    config = _merge_special_tokens_map(config, _read_json_object(folder / "special_tokens_map.json"))
+    config["chat_template"] = _read_chat_templates(folder, config)
+    model_config = _read_json_object(folder / "config.json") or {}
+    generation_config = _read_json_object(folder / "generation_config.json") or {}
+
+    class_name = transformers_tokenizer_class(config, model_config, spec_text)
+    if class_name in _REBUILT_CLASSES and isinstance(spec.get("model"), dict) and spec["model"].get("type") == "BPE":
+        spec_text = json.dumps(_rebuild_like_transformers(spec, class_name, config))
+    backend = _guarded(str(tokenizer_file), "loading tokenizer.json", tokenizers.Tokenizer.from_str, spec_text)
+    return cls(
+        backend,
+        config,
+        source=str(folder),
+        generation_config=generation_config,
+        model_eos_token_id=model_config.get("eos_token_id"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers 5.23's choice of tokenizer class
+# ------------------------------------------------------------------------------------------------
+
+# Model types for which transformers ignores the tokenizer class named on the Hub and reads
+# tokenizer.json as it is (the Phi entries of `MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS`).
+_FILE_AS_IS_MODEL_TYPES = frozenset({"phi3", "phi3_v", "phimoe"})
+
+# The class transformers picks for a model type when neither tokenizer_config.json nor config.json
+# names one (the types minphi3 meets; "llama" and the rest get tokenizer.json as it is).
+_REGISTERED_CLASSES = {"phi": "GPT2Tokenizer", "gpt2": "GPT2Tokenizer", "codegen": "GPT2Tokenizer"}
+
+# Classes whose `__init__` rebuilds the pipeline from the vocabulary instead of reading tokenizer.json.
+_REBUILT_CLASSES = frozenset({"LlamaTokenizer", "GPT2Tokenizer", "CodeGenTokenizer"})
+
+
+def transformers_tokenizer_class(config: dict, model_config: dict, spec_text: str) -> str:
+    """Name the class transformers 5.23's AutoTokenizer would load (`"TokenizersBackend"` = the file as is).
+
+    config: tokenizer_config.json; model_config: config.json; spec_text: tokenizer.json's text.
+    A Phi-3 checkpoint (model_type "phi3") always gets tokenizer.json as it is, whatever its
+    tokenizer_config says. A folder without config.json that names `LlamaTokenizer` gets the class,
+    and the class rebuilds a different pipeline (see `_rebuild_like_transformers`).
+    """
+    model_type = _str_or_none(model_config.get("model_type"))
+    declared = _str_or_none(config.get("tokenizer_class")) or _str_or_none(model_config.get("tokenizer_class"))
+    declared = declared.removesuffix("Fast") if declared else None
+    if model_type in _FILE_AS_IS_MODEL_TYPES:
+        return "TokenizersBackend"
+    if declared == "LlamaTokenizer" and '"ByteLevel"' in spec_text:
+        return "TokenizersBackend"  # transformers' guard against byte-level files mislabelled as Llama
+    chosen = declared or _REGISTERED_CLASSES.get(model_type)
+    return chosen if chosen in _REBUILT_CLASSES else "TokenizersBackend"
+
+
+def _str_or_none(value) -> str | None:
+    """A config value that must be a string; anything else counts as absent."""
+    return value if isinstance(value, str) else None
+
+
+def _rebuild_like_transformers(spec: dict, class_name: str, config: dict) -> dict:
+    """Return tokenizer.json as transformers' `class_name.__init__` rebuilds it.
+
+    These classes keep only the vocabulary, the merges, the post-processor and the added tokens of
+    the file, and install their own BPE options, normalizer, pre-tokenizer and decoder:
+    - LlamaTokenizer: no normalizer, a Metaspace pre-tokenizer whose prepend scheme is "first"
+      (or "always" for `legacy: true`, "never" for `add_prefix_space: false`), and a decoder that
+      strips one leading space. This differs from Phi-3's own file (Prepend + Replace normalizer),
+      for example after a special token: "<|user|>Hi" gets no "▁" before "Hi".
+    - GPT2Tokenizer and CodeGenTokenizer: a plain ByteLevel pre-tokenizer and decoder.
+    """
+    rebuilt = dict(spec)
+    model = dict(spec["model"])
+    model.update(dropout=None, unk_token=None, ignore_merges=False)
+    if class_name == "LlamaTokenizer":
+        model.update(fuse_unk=True, byte_fallback=True, continuing_subword_prefix=None, end_of_word_suffix=None)
+    else:
+        model.update(fuse_unk=False, byte_fallback=False, continuing_subword_prefix="", end_of_word_suffix="")
+    rebuilt["model"] = model
+    rebuilt["normalizer"] = None
+    if "added_tokens_decoder" in config:
+        rebuilt["added_tokens"] = []  # transformers then adds only the config's added tokens
+    pre_tokenizer, decoder = _rebuilt_pipeline(class_name, config)
+    rebuilt["pre_tokenizer"] = json.loads(pre_tokenizer.__getstate__())
+    rebuilt["decoder"] = json.loads(decoder.__getstate__())
+    return rebuilt
+
+
+def _rebuilt_pipeline(class_name: str, config: dict):
+    """The (pre_tokenizer, decoder) pair that transformers' `class_name.__init__` installs."""
+    if class_name == "LlamaTokenizer":
+        add_prefix_space = config.get("add_prefix_space")
+        add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+        if add_prefix_space:
+            scheme = "always" if config.get("legacy", False) else "first"
+        else:
+            scheme = "never"
+        pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_prefix_space:
+            steps.append(decoders.Strip(content=" ", left=1, right=0))
+        return pre_tokenizer, decoders.Sequence(steps)
+    pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space") or False))
+    return pre_tokenizer, decoders.ByteLevel()
+
+
+# ------------------------------------------------------------------------------------------------
+# Special tokens, as transformers resolves them
+# ------------------------------------------------------------------------------------------------
+
+
+def _token_content(value):
+    """The string of a special-token entry: a str, or a dict with "content" (an AddedToken dump)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _as_added_token(value, source: str, special: bool | None = None) -> AddedToken | None:
+    """Build an AddedToken from a str or an AddedToken dump; a bare string is a special token."""
+    content = _token_content(value)
+    if content is None:
+        return None
+    if isinstance(value, str):
+        return AddedToken(content, special=True)
+    fields = {k: value[k] for k in _ADDED_TOKEN_FIELDS if k in value and k != "content"}
+    if special is not None:
+        fields["special"] = special
+    bad = {k: v for k, v in fields.items() if not isinstance(v, bool)}
+    if bad:
+        raise TokenizerError(f"{source}: token {content!r}: flags must be true or false, found {bad}")
+    return AddedToken(content, **fields)
+
+
+def named_special_tokens(config: dict) -> dict:
+    """{name: value} of the named special tokens, in transformers' order: the seven standard names,
+    then model-specific `*_token` keys (such as `image_token`), which transformers also passes to
+    the chat template. Values stay as found (str or dict)."""
+    named = {name: config[name] for name in SPECIAL_TOKEN_NAMES if _token_content(config.get(name)) is not None}
+    for key, value in config.items():
+        if key.endswith("_token") and key not in named and key not in SPECIAL_TOKEN_NAMES:
+            if isinstance(value, str) or (isinstance(value, dict) and value.get("__type") == "AddedToken"):
+                named[key] = value
+    return named
+
+
+def _add_config_tokens(backend, config: dict, named: dict, source: str) -> None:
+    """Add the tokens that transformers' TokenizersBackend.__init__ adds on top of tokenizer.json.
+
+    In the same order and in one `add_tokens` call, as transformers does: first every entry of the
+    config's `added_tokens_decoder` (sorted by id; its flags, such as rstrip, then replace those of
+    tokenizer.json), then each named or extra special token that is not an added token yet (a named
+    token inside the model vocabulary becomes an added special token; one outside it gets a new id).
+    """
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict) or not all(k.lstrip("-").isdigit() for k in decoder):
+        raise TokenizerError(f"{source}: tokenizer_config.json: added_tokens_decoder must map ids to tokens")
+    to_add = [_as_added_token(decoder[k], source) for k in sorted(decoder, key=int)]
+    to_add = [t for t in to_add if t is not None]
+    present = {t.content for t in backend.get_added_tokens_decoder().values()} | {t.content for t in to_add}
+    named_contents = {_token_content(v) for v in named.values()}
+    for token in to_add:
+        if not token.special and token.content in named_contents:
+            token.special = True
+    extras = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    extras = list(extras.values()) if isinstance(extras, dict) else extras
+    extras = extras if isinstance(extras, list) else []
+    for value in list(named.values()) + extras:
+        token = _as_added_token(value, source, special=True if _token_content(value) in named_contents else None)
+        if token is not None and token.content not in present:
+            to_add.append(token)
+            present.add(token.content)
+    if to_add:
+        _guarded(source, "adding the special tokens of tokenizer_config.json", backend.add_tokens, to_add)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Tokenizer
+# ------------------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what transformers adds: special tokens, chat template, stop ids.
+
+    backend: the Rust tokenizer (it is modified in place: padding and truncation are switched off,
+      as transformers' default encode does, and the config's special tokens are added).
+    config: the content of tokenizer_config.json, with "chat_template" possibly inlined.
+    source: a path used in error messages.
+    """
+
+    def __init__(
+        self,
+        backend,
+        config: dict | None = None,
+        source: str = "",
+        *,
+        generation_config: dict | None = None,
+        model_eos_token_id=None,
+    ):
+        if not isinstance(backend, tokenizers.Tokenizer):
+            raise TokenizerError(f"{source}: expected a tokenizers.Tokenizer, got {type(backend).__name__}")
+        self.source = str(source)
+        self.config = dict(config or {})
+        self.generation_config = dict(generation_config or {})
+        self._model_eos_token_id = model_eos_token_id
+        self._backend = backend
+        # The pad token falls back to tokenizer.json's padding settings, as in transformers.
+        padding = backend.padding
+        if padding and _token_content(self.config.get("pad_token")) is None:
+            self.config["pad_token"] = padding.get("pad_token")
+        backend.no_padding()
+        backend.no_truncation()
+        backend.encode_special_tokens = bool(self.config.get("split_special_tokens", False))
+        self._named = named_special_tokens(self.config)
+        _add_config_tokens(backend, self.config, self._named, self.source)
+        self.clean_up_tokenization_spaces = bool(self.config.get("clean_up_tokenization_spaces", False))
+        self._is_bpe = type(backend.model).__name__ == "BPE"
+        self.chat_template = self.config.get("chat_template") or None
+
+    @classmethod
+    def from_folder(cls, path) -> Tokenizer:
+        """Load a Hugging Face folder: tokenizer.json (required) and the optional tokenizer_config.json,
+        special_tokens_map.json, chat_template.jinja, config.json and generation_config.json."""
+        return _from_folder(path, cls)
+
+    @property
+    def backend(self):
+        """The underlying `tokenizers.Tokenizer`."""
+        return self._backend
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source!r}, {len(self)} tokens, eos={self.eos_token!r})"
+
+    # --- vocabulary -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Number of ids the tokenizer can produce, added tokens included (`len(hf_tokenizer)`)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        """Same as len(): Phi-3 has 32011 tokens for 32064 logits; the extra logits must be masked."""
+        return len(self)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token string, or None when it is not in the vocabulary."""
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The token string of an id, or None when the id is out of range."""
+        if int(token_id) < 0:
+            return None
+        return _guarded(self.source, "id_to_token", self._backend.id_to_token, int(token_id))
+
+    # --- special tokens --------------------------------------------------------------------------
+
+    def _special(self, name: str) -> str | None:
+        return _token_content(self._named.get(name))
+
+    def _special_id(self, name: str) -> int | None:
+        token = self._special(name)
+        return None if token is None else self.token_to_id(token)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._special("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._special("eos_token")
+
+    @property
+    def pad_token(self) -> str | None:
+        return self._special("pad_token")
+
+    @property
+    def unk_token(self) -> str | None:
+        return self._special("unk_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._special_id("unk_token")
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """{name: string} of the named special tokens, as the chat template sees them."""
+        return {name: _token_content(value) for name, value in self._named.items()}
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of the special added tokens and of the named special tokens (hidden when streaming)."""
+        ids = {i for i, token in self._backend.get_added_tokens_decoder().items() if token.special}
+        ids |= {self.token_to_id(t) for t in self.special_tokens_map.values()}
+        return frozenset(i for i in ids if i is not None)
+
+    def stop_token_ids(self, generation_config: dict | None = None) -> list[int]:
+        """Every id that ends a turn, in a fixed order without repeats (pitfalls.md item 19).
+
+        The tokenizer's eos, config.json's eos_token_id, generation_config's eos_token_id (an int or
+        a list; the folder's generation_config.json when none is given), then `<|end|>`,
+        `<|endoftext|>` and `<|im_end|>` looked up by string where the vocabulary has them.
+        """
+        gen = self.generation_config if generation_config is None else generation_config
+        ids: list[int] = []
+        candidates = [self.eos_token_id, self._model_eos_token_id, (gen or {}).get("eos_token_id")]
+        candidates += [self.token_to_id(token) for token in END_OF_TURN_TOKENS]
+        for value in candidates:
+            for token_id in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(token_id, int) and not isinstance(token_id, bool) and token_id not in ids:
+                    ids.append(token_id)
+        return ids
+
+    # --- encode / decode -------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, equal to transformers' `tokenizer(text)["input_ids"]`.
+
+        add_special_tokens: run tokenizer.json's post-processor (which adds `<s>` where the file
+        says so); the chat template path passes False, as transformers does.
+        """
+        if not isinstance(text, str):
+            raise TokenizerError(f"{self.source}: encode expects a str, got {type(text).__name__}")
+        encoding = _guarded(self.source, "encode", self._backend.encode, text, add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`, equal to transformers' `tokenizer.decode(ids, skip_special_tokens=...)`.
+
+        Ids the vocabulary lacks are dropped, as the library does; negative ids are an error.
+        """
+        ids = _as_id_list(ids, self.source)
+        text = _guarded(self.source, "decode", self._backend.decode, ids, skip_special_tokens=skip_special_tokens)
+        # transformers' clean-up of " ." and friends: on only when the config asks, never for BPE.
+        if self.clean_up_tokenization_spaces and not self._is_bpe:
+            text = _clean_up_tokenization(text)
+        return text
+
+    # --- chat ------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **extra):
+        """Render `messages` with the checkpoint's chat template, exactly as transformers 5.23 does.
+
+        messages: a list of {"role": ..., "content": ...} dicts.
+        add_generation_prompt: append the assistant header. Defaults to True here (transformers
+          defaults to False) because minphi3 renders prompts to generate from.
+        tokenize: False -> the string; True -> its ids, encoded with add_special_tokens=False.
+        extra: more template variables (tools=, documents=, or anything the template reads); they
+          override the special-token strings of the same name.
+        """
+        template = _select_template(self.chat_template, extra.get("tools"), self.source)
+        text = render_chat_template(
+            template, messages, add_generation_prompt, self.special_tokens_map, source=self.source, **extra
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _as_id_list(ids, source: str) -> list[int]:
+    """Accept an int, a list, a tuple or a 1-D array of ids; return a list of Python ints >= 0."""
+    if isinstance(ids, int) or (hasattr(ids, "ndim") and ids.ndim == 0):
+        ids = [ids]
+    try:
+        out = [int(i) for i in ids]
+    except (TypeError, ValueError) as exc:
+        raise TokenizerError(f"{source}: decode expects a sequence of integer ids ({exc})") from None
+    bad = [i for i in out if i < 0 or i >= 2**32]
+    if bad:
+        raise TokenizerError(f"{source}: decode got id {bad[0]}, outside 0..2**32-1")
+    return out
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization`: glue punctuation and English contractions back on."""
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
+        text = text.replace(before, after)
+    return text
+
+
+# ------------------------------------------------------------------------------------------------
+# Chat template: the same Jinja sandbox as transformers/utils/chat_template_utils.py
+# ------------------------------------------------------------------------------------------------
+
+
+def _select_template(chat_template, tools, source: str) -> str:
+    """Pick the template to use: the only one, or from named templates "tool_use" (when tools are
+    given) or "default", as transformers' `get_chat_template` does."""
+    if chat_template is None:
+        raise TokenizerError(
+            f"{source}: the tokenizer has no chat template (no chat_template.jinja and no "
+            "chat_template in tokenizer_config.json); format the prompt yourself"
+        )
+    if isinstance(chat_template, list):  # tokenizer_config.json may store [{"name": ..., "template": ...}]
+        chat_template = {
+            t["name"]: t.get("template")
+            for t in chat_template
+            if isinstance(t, dict) and isinstance(t.get("name"), str)
+        }
+    if isinstance(chat_template, dict):
+        name = "tool_use" if tools is not None and "tool_use" in chat_template else "default"
+        if name not in chat_template:
+            raise TokenizerError(f"{source}: several chat templates ({sorted(chat_template)}) and none is 'default'")
+        chat_template = chat_template[name]
+    if not isinstance(chat_template, str):
+        raise TokenizerError(f"{source}: chat_template must be a string, found {type(chat_template).__name__}")
+    return chat_template
+
+
+def render_chat_template(
+    template: str, messages, add_generation_prompt: bool, special_tokens: dict, source: str = "", **extra
+) -> str:
+    """Render a chat template like transformers' `apply_chat_template(..., tokenize=False)`.
+
+    Messages lose their None-valued keys and are rebuilt from plain JSON types; the template sees
+    `messages`, `tools` and `documents` (None unless given), `add_generation_prompt`, the special
+    token strings (`bos_token`, `eos_token`, ...) and `extra`, which wins over those strings.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TokenizerError(f"{source}: the chat template needs a non-empty list of messages")
+    if not all(isinstance(m, Mapping) for m in messages):
+        raise TokenizerError(f"{source}: each chat message must be a dict with 'role' and 'content'")
+    chat = _alias_reasoning_fields(_plain([{k: v for k, v in m.items() if v is not None} for m in messages]))
+    tools, documents = _plain(extra.pop("tools", None)), _plain(extra.pop("documents", None))
+    variables = {**special_tokens, **_plain(extra)}
+    try:
+        compiled = _compile_template(template)
+        return compiled.render(
+            messages=chat, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt, **variables
+        )
+    except jinja2.TemplateError as exc:
+        raise TokenizerError(f"{source}: chat template: {type(exc).__name__}: {exc}") from None
+
+
+@lru_cache(maxsize=16)
+def _compile_template(template: str) -> jinja2.Template:
+    """Compile a template in transformers' sandbox: ImmutableSandboxedEnvironment (templates come
+    from strangers and must not reach Python internals) with trim_blocks, lstrip_blocks, loop
+    controls and the `{% generation %}` tag, the `tojson` filter without HTML escaping, and the
+    globals raise_exception, strftime_now, dict and namespace."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    return env.from_string(template)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """transformers' tojson: plain json.dumps, non-ASCII kept, no HTML escaping."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message):
+    """The `raise_exception(...)` templates call to reject a conversation."""
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    """`strftime_now(...)`, which templates use to print today's date."""
+    return datetime.now().strftime(fmt)
+
+
+class _TemplateDict:
+    """`dict(...)` inside templates, without the attributes of the real type."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _check_namespace_name(name) -> None:
+    """Underscore names on a namespace could reach CPython internals: refuse them."""
+    if isinstance(name, str) and name.startswith("_"):
+        raise jinja2.exceptions.SecurityError(f"chat templates cannot store {name!r} on a namespace")
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace(...)` that refuses underscore names, as transformers' sandbox does."""
+
+    def __init__(*args, **kwargs):  # noqa: N805 - the signature trick of Jinja's own Namespace
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _check_namespace_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _check_namespace_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant text with it): the
+    body renders as is, since minphi3 has no assistant-token mask to fill."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _plain(value):
+    """Rebuild template inputs from plain JSON types (transformers' `_plain_template_data`): objects
+    with methods never reach the sandbox; anything else becomes a placeholder like "<ndarray>"."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic):  # np.bool_(False) must stay falsy
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return f"<{type(value).__name__}>"
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning_fields(chat: list) -> list:
+    """Copy a message's reasoning under the names templates read (`reasoning_content`, `thinking`)."""
+    out = []
+    for message in chat:
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming
+# ------------------------------------------------------------------------------------------------
+
+
+class IncrementalDetokenizer:
+    """Turn ids into text one token at a time, for streaming.
+
+    The concatenation of every `push` result and the final `flush` equals
+    `tokenizer.decode(all_ids, skip_special_tokens=...)`. Decoding one token at a time does not:
+    the Metaspace/Strip decoder drops the leading space of whatever it decodes first, and a
+    byte-fallback token like `<0xE2>` is not valid UTF-8 alone. So we decode a short window twice:
+    ids[prefix:read] (text already sent) and ids[prefix:] (that text plus the new tokens), both
+    starting at the same token so that the decoder treats their start alike, and send the
+    difference once it no longer ends in U+FFFD (an incomplete character is held back).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # start of the window: first token of the chunk sent last
+        self._read = 0  # tokens before this index have been sent as text
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it completes (often "", for example inside a character)."""
+        self.ids.append(int(token_id))
+        sent = self._decode(self.ids[self._prefix : self._read])
+        text = self._decode(self.ids[self._prefix :])
+        if len(text) <= len(sent) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(sent) :]
+
+    def flush(self) -> str:
+        """Return whatever is still held back (an unfinished character comes out as U+FFFD)."""
+        sent = self._decode(self.ids[self._prefix : self._read])
+        text = self._decode(self.ids[self._prefix :])
+        self._prefix = self._read = len(self.ids)
+        return text[len(sent) :]
