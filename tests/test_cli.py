@@ -1,0 +1,133 @@
+"""The command line, run as a user runs it: `python -m minphi3 ...` in a subprocess."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tiny_checkpoints import save_tiny, save_tiny_tokenizer
+
+import minphi3
+from minphi3.chat import ChatSession, common_prefix_length
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny Phi-3 checkpoint with a ChatML byte-level tokenizer in its folder."""
+    folder = save_tiny(tmp_path_factory.mktemp("chat"), vocab_size=300, max_position_embeddings=256)
+    return save_tiny_tokenizer(folder, 300)
+
+
+def run_cli(*arguments, stdin: str | None = None, timeout: int = 120):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "minphi3", *arguments],
+        input=stdin, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+def test_one_shot_chat_prints_answer_and_figures(chat_model):
+    result = run_cli("chat", "--model", str(chat_model), "--prompt", "What is the capital of France?", "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    tokenizer = minphi3.load_tokenizer(chat_model)
+    model = minphi3.load(chat_model)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=True)
+    ids = minphi3.generate(model, [prompt], max_new_tokens=12, eos_token_id=tokenizer.stop_token_ids())
+    new = [t for t in ids[0, len(prompt):] if t not in tokenizer.stop_token_ids()]
+    assert result.stdout.strip() == tokenizer.decode(new, skip_special_tokens=True).strip()
+    figures = result.stderr.strip().splitlines()[-1]
+    assert "prompt tokens" in figures and "new tokens" in figures and "tokens/s" in figures
+
+
+def test_chat_reads_turns_from_a_pipe_and_reuses_the_cache(chat_model):
+    result = run_cli("chat", "--model", str(chat_model), "--max-new-tokens", "6",
+                     stdin="Hello there\nAnd again\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    figures = [line for line in result.stderr.splitlines() if "tokens/s" in line]
+    assert len(figures) == 2
+    assert "(0 reused" in figures[0]
+    assert "(0 reused" not in figures[1]  # the second turn starts from the cached first one
+
+
+def test_generate_streams_the_continuation(chat_model):
+    result = run_cli("generate", "--model", str(chat_model), "The quick brown", "--max-new-tokens", "8", "--seed", "1",
+                     "--temperature", "0.8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The quick brown")
+    again = run_cli("generate", "--model", str(chat_model), "The quick brown", "--max-new-tokens", "8", "--seed", "1",
+                    "--temperature", "0.8")
+    assert again.stdout == result.stdout  # seeded sampling repeats
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["generate", "--model", "/no/such/folder", "hi"], "no such file"),
+        (["generate", "--bogus-flag", "hi"], "unrecognized arguments"),
+        (["chat", "--max-new-tokens", "many"], "invalid int value"),
+        ([], "missing command"),
+    ],
+)
+def test_bad_command_lines_give_one_line_and_exit_2(arguments, message):
+    result = run_cli(*arguments)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_over_long_prompt_is_refused_in_one_line(chat_model):
+    result = run_cli("generate", "--model", str(chat_model), "word " * 400, "--max-new-tokens", "4")
+    assert result.returncode == 2
+    assert "context" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_broken_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    result = run_cli("generate", "--model", str(tmp_path), "hi")
+    assert result.returncode == 2
+    assert "config.json" in result.stderr and "JSON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    result = run_cli("--debug", "generate", "--model", str(tmp_path), "hi")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_parity_command_prints_every_stage_and_saves_the_trace(tmp_path):
+    folder = save_tiny(tmp_path / "m")
+    trace = tmp_path / "trace.npz"
+    result = run_cli("parity", str(folder), "--save", str(trace), timeout=300)
+    assert result.returncode == 0, result.stderr
+    stages = ["embedding", "layer.0", "layer.1", "final_norm", "logits"]
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.split() and line.split()[0] in stages}
+    assert set(rows) == set(stages)
+    assert all(float(values[0]) < 1e-4 for values in rows.values())
+    saved = np.load(trace)
+    assert {"minphi3.logits", "transformers.logits", "minphi3.layer.1", "input_ids"} <= set(saved.files)
+    assert np.abs(saved["minphi3.logits"] - saved["transformers.logits"]).max() < 1e-4
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix_length([], [1]) == 0
+    assert common_prefix_length([1, 2], [1, 2]) == 2
+
+
+def test_chat_session_answers_equal_a_fresh_generation_each_turn(chat_model):
+    """The cache carried across turns must give exactly what recomputing the whole prompt gives."""
+    model = minphi3.load(chat_model)
+    tokenizer = minphi3.load_tokenizer(chat_model)
+    session = ChatSession(model, tokenizer, max_new_tokens=8)
+    for text in ["Hello", "What is the capital of France?", "Thanks"]:
+        history = list(session.messages)
+        answer, _ = session.ask(text)
+        prompt = tokenizer.apply_chat_template(history + [{"role": "user", "content": text}], tokenize=True)
+        fresh = minphi3.generate(model, [prompt], max_new_tokens=8, eos_token_id=session.stop_ids)[0, len(prompt):]
+        expected = tokenizer.decode([t for t in fresh if t not in session.stop_ids], skip_special_tokens=True).strip()
+        assert answer == expected
+    assert session.last_reused_tokens > 0

@@ -1,0 +1,197 @@
+"""minphi3.generate against transformers' generate, token for token, on tiny random checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_checkpoints import load_oracle, longrope_scaling, random_ids, save_tiny, save_tiny_tokenizer
+
+import minphi3
+from minphi3.generate import GenerationStats, prompt_positions, resolve_eos_ids
+
+CASES = {
+    "plain": {},
+    "gqa": dict(num_key_value_heads=2),
+    # prompt 12 + 20 new tokens runs far past the window of 5: the rolling cache must hold.
+    "window": dict(sliding_window=5, max_position_embeddings=128),
+    # original_max 20: the prompt (12) is short, generation crosses the switch at token 21.
+    "longrope": dict(max_position_embeddings=128, original_max_position_embeddings=20, rope_scaling=longrope_scaling(8)),
+    "partial_tied_longrope": dict(
+        partial_rotary_factor=0.75, tie_word_embeddings=True, num_key_value_heads=2, max_position_embeddings=128,
+        original_max_position_embeddings=16, rope_scaling=longrope_scaling(6),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folders = {}
+    for name, overrides in CASES.items():
+        folders[name] = save_tiny(tmp_path_factory.mktemp(name), seed=len(name), **overrides)
+    return folders
+
+
+def oracle_generate(hf, ids, mask=None, **kwargs):
+    with torch.no_grad():
+        out = hf.generate(
+            torch.as_tensor(ids),
+            attention_mask=None if mask is None else torch.as_tensor(mask),
+            do_sample=False,
+            **kwargs,
+        )
+    return out.numpy()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_greedy_matches_transformers(checkpoints, name):
+    hf = load_oracle(checkpoints[name])
+    model = minphi3.load(checkpoints[name])
+    ids = random_ids(1, 12, seed=3)
+    expected = oracle_generate(hf, ids, max_new_tokens=20, eos_token_id=None, pad_token_id=0)
+    ours = minphi3.generate(model, ids, max_new_tokens=20, eos_token_id=[])
+    np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("name", ["plain", "window", "longrope"])
+def test_left_padded_batch_matches_transformers(checkpoints, name):
+    hf = load_oracle(checkpoints[name])
+    model = minphi3.load(checkpoints[name])
+    ids = random_ids(3, 12, seed=5)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    ids[mask == 0] = 0
+    expected = oracle_generate(hf, ids, mask, max_new_tokens=15, eos_token_id=None, pad_token_id=0)
+    ours = minphi3.generate(model, ids, attention_mask=mask, max_new_tokens=15, eos_token_id=[])
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_padded_row_generates_what_it_generates_alone(checkpoints):
+    model = minphi3.load(checkpoints["plain"])
+    short = random_ids(1, 5, seed=9)
+    alone = minphi3.generate(model, short, max_new_tokens=10, eos_token_id=[])
+    batch = np.concatenate([random_ids(1, 9, seed=1), np.concatenate([np.zeros((1, 4), int), short], axis=1)])
+    mask = (np.arange(9)[None, :] >= np.array([[0], [4]])).astype(int)
+    together = minphi3.generate(model, batch, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    np.testing.assert_array_equal(together[1, 9:], alone[0, 5:])
+
+
+def test_eos_stops_rows_and_pads_them_like_transformers(checkpoints):
+    hf = load_oracle(checkpoints["plain"])
+    model = minphi3.load(checkpoints["plain"])
+    ids = random_ids(2, 6, seed=11)
+    free = minphi3.generate(model, ids, max_new_tokens=12, eos_token_id=[])
+    eos = int(free[0, 8])  # a token row 0 produces early: it must stop there
+    expected = oracle_generate(hf, ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=7)
+    ours = minphi3.generate(model, ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=7)
+    np.testing.assert_array_equal(ours, expected)
+    assert ours[0, 8] == eos
+    assert (ours[0, 9:] == 7).all() or ours.shape[1] == 9
+
+
+def test_eos_list_comes_from_generation_config(tmp_path):
+    folder = save_tiny(tmp_path / "m")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5, 9]}))
+    model = minphi3.load(folder)
+    assert resolve_eos_ids(model) == [2, 5, 9]
+    assert resolve_eos_ids(model, 4) == [4]
+
+
+def test_repetition_penalty_matches_transformers(checkpoints):
+    hf = load_oracle(checkpoints["plain"])
+    model = minphi3.load(checkpoints["plain"])
+    ids = random_ids(2, 8, seed=2)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    expected = oracle_generate(hf, ids, mask, max_new_tokens=12, repetition_penalty=1.8, eos_token_id=None, pad_token_id=0)
+    ours = minphi3.generate(model, ids, attention_mask=mask, max_new_tokens=12, repetition_penalty=1.8, eos_token_id=[])
+    np.testing.assert_array_equal(ours, expected)
+    plain = minphi3.generate(model, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+    assert not np.array_equal(plain, ours)  # the penalty changed something, so the test is not vacuous
+
+
+def test_seeded_sampling_repeats_exactly(checkpoints):
+    model = minphi3.load(checkpoints["plain"])
+    ids = random_ids(2, 4)
+    kwargs = dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_k=40, top_p=0.95, eos_token_id=[])
+    first = minphi3.generate(model, ids, seed=123, **kwargs)
+    second = minphi3.generate(model, ids, seed=123, **kwargs)
+    other = minphi3.generate(model, ids, seed=124, **kwargs)
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, other)
+
+
+def test_temperature_zero_is_greedy(checkpoints):
+    model = minphi3.load(checkpoints["plain"])
+    ids = random_ids(1, 4)
+    greedy = minphi3.generate(model, ids, max_new_tokens=8, eos_token_id=[])
+    cold = minphi3.generate(model, ids, max_new_tokens=8, do_sample=True, temperature=0, seed=1, eos_token_id=[])
+    np.testing.assert_array_equal(greedy, cold)
+
+
+def test_unproducible_ids_are_never_generated(checkpoints):
+    model = minphi3.load(checkpoints["plain"])
+    model.tokenizer_size = 40  # pretend the tokenizer knows only ids 0..39
+    out = minphi3.generate(model, random_ids(2, 4), max_new_tokens=30, do_sample=True, temperature=5.0, seed=0,
+                           eos_token_id=[])
+    assert out[:, 4:].max() < 40
+
+
+def test_streamer_receives_every_new_token(checkpoints):
+    model = minphi3.load(checkpoints["plain"])
+    received = []
+    out = minphi3.generate(model, random_ids(1, 4), max_new_tokens=6, eos_token_id=[], streamer=received.append)
+    assert [int(r[0]) for r in received] == list(out[0, 4:])
+
+
+def test_text_streamer_equals_full_decode(tmp_path):
+    folder = save_tiny(tmp_path / "m", vocab_size=300)
+    save_tiny_tokenizer(folder, 300)
+    model = minphi3.load(folder)
+    tokenizer = minphi3.load_tokenizer(folder)
+    pieces = []
+    streamer = minphi3.TextStreamer(tokenizer, callback=pieces.append)
+    prompt = tokenizer.encode("Café 東京 🙂 capital")
+    out = minphi3.generate(model, [prompt], max_new_tokens=25, eos_token_id=[], streamer=streamer)
+    assert "".join(pieces) == tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True)
+
+
+def test_stats_count_tokens(checkpoints):
+    model = minphi3.load(checkpoints["plain"])
+    stats = GenerationStats()
+    minphi3.generate(model, random_ids(1, 5), max_new_tokens=7, eos_token_id=[], stats=stats)
+    assert (stats.prompt_tokens, stats.new_tokens, len(stats.step_seconds)) == (5, 7, 7)
+    assert stats.tokens_per_second > 0
+
+
+def test_prompt_positions_of_left_padding():
+    mask = np.array([[1, 1, 1], [0, 0, 1], [0, 1, 1]])
+    np.testing.assert_array_equal(prompt_positions(mask), [[0, 1, 2], [0, 0, 0], [0, 0, 1]])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=[[]]), "empty"),
+        (dict(input_ids=[[5, 200]]), "out of range"),
+        (dict(input_ids=[[-1, 3]]), "out of range"),
+        (dict(input_ids=[[3] * 60], max_new_tokens=10), "context"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-3), "max_new_tokens"),
+        (dict(do_sample=True, temperature=-1.0), "temperature"),
+        (dict(do_sample=True, top_p=0.0), "top_p"),
+        (dict(do_sample=True, top_p=1.5), "top_p"),
+        (dict(do_sample=True, top_k=-2), "top_k"),
+        (dict(do_sample=True, min_p=2.0), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(attention_mask=[[0, 0, 0]]), "padding"),
+        (dict(eos_token_id=500), "eos_token_id"),
+    ],
+)
+def test_bad_generation_requests_raise_generation_error(checkpoints, kwargs, message):
+    model = minphi3.load(checkpoints["plain"])
+    arguments = dict(input_ids=[[3, 4, 5]], max_new_tokens=4)
+    arguments.update(kwargs)
+    with pytest.raises(minphi3.GenerationError, match=message):
+        minphi3.generate(model, **arguments)
