@@ -87,6 +87,27 @@ def compute_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+def backend_name(xp) -> str:
+    """"numpy" or "cupy" for an array module."""
+    return "numpy" if xp is np else "cupy"
+
+
+def available_memory(xp) -> tuple[int | None, str]:
+    """Bytes the backend can still allocate, and where: host MemAvailable for NumPy, free device
+    memory for CuPy. None when it cannot be read."""
+    if xp is not np:
+        free, _total = xp.cuda.runtime.memGetInfo()
+        return int(free), "the GPU has"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "this machine has"
+    except OSError:
+        pass
+    return None, "this machine has"
+
+
 def to_numpy(x):
     """A host NumPy copy of `x`, whatever the backend (CuPy arrays are copied off the GPU).
 

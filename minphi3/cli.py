@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="convert a GGUF file to a Hugging Face folder")
     convert.add_argument("input", help="the .gguf file")
     convert.add_argument("output", help="the folder to write")
+    convert.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
     return parser
 
 
@@ -91,7 +92,7 @@ def _sampling_options(args) -> dict:
 
 
 def _load_model_and_tokenizer(args):
-    from .loading import load  # noqa: PLC0415
+    from .loading import load, resolve_model_path  # noqa: PLC0415
     from .tokenizer import load_tokenizer  # noqa: PLC0415
 
     path = args.model
@@ -100,7 +101,7 @@ def _load_model_and_tokenizer(args):
 
         print(DEMO_MODEL_NOTE, flush=True)
         path = demo_model_path()
-    path = Path(path)
+    path = resolve_model_path(path)
     if not path.exists():
         raise UsageError(f"--model {path}: no such file or folder")
     model = load(path, backend=args.backend, dtype=args.dtype, progress=sys.stderr.isatty())
@@ -168,7 +169,7 @@ def run_chat(args) -> int:
             # One bad turn (too long, say) should not end the conversation in a terminal.
             if not interactive:
                 raise
-            print(f"minphi3: error: {exc}", file=sys.stderr)
+            print(f"minphi3: error: {one_line(exc)}", file=sys.stderr)
 
 
 def run_parity(args) -> int:
@@ -212,9 +213,14 @@ def run_convert(args) -> int:
     source = Path(args.input)
     if not source.is_file():
         raise UsageError(f"{source}: no such file")
-    out = convert_gguf(source, args.output, progress=sys.stderr.isatty())
+    out = convert_gguf(source, args.output, progress=sys.stderr.isatty(), overwrite=args.force)
     print(f"wrote {out}")
     return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message folded onto one line (library messages can span several)."""
+    return " ".join(str(exc).split())
 
 
 COMMANDS = {"generate": run_generate, "chat": run_chat, "parity": run_parity, "convert": run_convert}
@@ -231,7 +237,7 @@ def main(argv=None) -> int:
     except MinPhi3Error as exc:
         if debug:
             raise
-        print(f"minphi3: error: {exc}", file=sys.stderr)
+        print(f"minphi3: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -239,6 +245,6 @@ def main(argv=None) -> int:
     except Exception as exc:
         if debug:
             raise
-        print(f"minphi3: internal error: {type(exc).__name__}: {exc} "
+        print(f"minphi3: internal error: {type(exc).__name__}: {one_line(exc)} "
               "(this is a bug: please report it; --debug shows the traceback)", file=sys.stderr)
         return EXIT_INTERNAL_ERROR

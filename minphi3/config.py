@@ -179,7 +179,7 @@ class ModelConfig:
             if self.qk_layernorm:
                 per_layer += 4 * self.head_dim
             final = 2 * h
-        head = 0 if self.tie_word_embeddings else self.vocab_size * h + (0 if self.is_phi3 else self.vocab_size)
+        head = (0 if self.tie_word_embeddings else self.vocab_size * h) + (0 if self.is_phi3 else self.vocab_size)
         if self.head_kind != "causal_lm":
             head = self.num_labels * h + (self.num_labels if self.head_kind == "token_classification" else 0)
         return embedding + layers * per_layer + final + head
@@ -426,10 +426,13 @@ def validate_config(config: ModelConfig, source: str = "config.json") -> None:
                     f"{config.rotary_dim // 2} (head_dim {config.head_dim} x partial_rotary_factor "
                     f"{config.partial_rotary_factor})"
                 )
-    if config.hidden_act not in ("silu", "gelu_new", "gelu", "gelu_pytorch_tanh"):
+    if config.hidden_act not in ("silu", "gelu_new", "gelu_pytorch_tanh"):
         raise ConfigError(f"{source}: field 'hidden_act' is {config.hidden_act!r}; supported: silu, gelu_new")
     if config.is_phi3 and config.hidden_act != "silu":
         raise ConfigError(f"{source}: field 'hidden_act' is {config.hidden_act!r}; Phi-3 models use 'silu'")
+    if not config.is_phi3 and config.hidden_act == "silu":
+        # gelu_mlp always applies the tanh GELU (gelu_pytorch_tanh is the same formula fused)
+        raise ConfigError(f"{source}: field 'hidden_act' is 'silu'; phi-1/1.5/2 models use 'gelu_new'")
     for name in ("bos_token_id", "pad_token_id"):
         value = getattr(config, name)
         if value is not None and value >= config.vocab_size:

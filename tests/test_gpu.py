@@ -1,0 +1,93 @@
+"""The CuPy backend against the NumPy one, on a real NVIDIA GPU (issue 9). Skipped without one.
+
+float32: the project's usual logits tolerance; float16: relative error under 1e-2 on the logits
+and equal greedy tokens over 32 steps on the demo model; generation equal token for token.
+"""
+
+import numpy as np
+import pytest
+from tiny_checkpoints import longrope_scaling, random_ids, save_tiny
+
+import minphi3
+from minphi3.backend import cupy_available
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cupy_available(), reason="needs CuPy and an NVIDIA GPU"),
+]
+
+CASES = {
+    "mha": {},
+    "gqa": dict(num_key_value_heads=2),
+    "window": dict(sliding_window=5),
+    "longrope": dict(max_position_embeddings=128, original_max_position_embeddings=16, rope_scaling=longrope_scaling(8)),
+    "partial_tied": dict(partial_rotary_factor=0.75, tie_word_embeddings=True, num_key_value_heads=2),
+}
+
+
+def max_relative(ours, reference):
+    return float(np.abs(ours - reference).max() / max(1.0, np.abs(reference).max()))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cupy_logits_equal_numpy_float32(tmp_path, name):
+    folder = save_tiny(tmp_path / name, **CASES[name])
+    ids = random_ids(2, 24)
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    cpu = minphi3.load(folder)(ids, attention_mask=mask, output_hidden_states=True)
+    gpu = minphi3.load(folder, backend="cupy")(ids, attention_mask=mask, output_hidden_states=True)
+    assert max_relative(minphi3.to_numpy(gpu.logits)[0], cpu.logits[0]) <= 1e-4
+    assert max_relative(minphi3.to_numpy(gpu.logits)[1, 5:], cpu.logits[1, 5:]) <= 1e-4
+    for ours, theirs in zip(gpu.hidden_states, cpu.hidden_states):
+        assert max_relative(minphi3.to_numpy(ours)[0], theirs[0]) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mha", "window", "longrope"])
+def test_cupy_generation_equals_numpy(tmp_path, name):
+    folder = save_tiny(tmp_path / name, **CASES[name])
+    ids = random_ids(1, 8)
+    cpu = minphi3.generate(minphi3.load(folder), ids, max_new_tokens=24, eos_token_id=[])
+    gpu = minphi3.generate(minphi3.load(folder, backend="cupy"), ids, max_new_tokens=24, eos_token_id=[])
+    np.testing.assert_array_equal(gpu, cpu)
+
+
+def test_seeded_sampling_on_the_gpu_repeats_and_matches_the_cpu(tmp_path):
+    folder = save_tiny(tmp_path / "m")
+    ids = random_ids(2, 6)
+    kwargs = dict(max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.9, seed=7, eos_token_id=[])
+    gpu_model = minphi3.load(folder, backend="cupy")
+    first = minphi3.generate(gpu_model, ids, **kwargs)
+    np.testing.assert_array_equal(first, minphi3.generate(gpu_model, ids, **kwargs))
+    np.testing.assert_array_equal(first, minphi3.generate(minphi3.load(folder), ids, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def demo_folder():
+    from minphi3.demo import demo_model_path
+
+    return demo_model_path()
+
+
+def test_demo_model_float16_on_the_gpu(demo_folder):
+    tokenizer = minphi3.load_tokenizer(demo_folder)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=True)
+    cpu_model = minphi3.load(demo_folder)
+    gpu16 = minphi3.load(demo_folder, backend="cupy", dtype="float16")
+    reference = cpu_model([ids]).logits
+    half = minphi3.to_numpy(gpu16([ids]).logits).astype(np.float32)
+    assert max_relative(half, reference) < 1e-2
+    greedy_cpu = minphi3.generate(cpu_model, [ids], max_new_tokens=32, eos_token_id=[])
+    greedy_gpu = minphi3.generate(gpu16, [ids], max_new_tokens=32, eos_token_id=[])
+    np.testing.assert_array_equal(greedy_gpu, greedy_cpu)
+
+
+def test_demo_model_float32_on_the_gpu(demo_folder):
+    cpu = minphi3.load(demo_folder)
+    gpu = minphi3.load(demo_folder, backend="cupy")
+    ids = random_ids(1, 32, vocab=cpu.config.vocab_size)
+    assert max_relative(minphi3.to_numpy(gpu(ids).logits), cpu(ids).logits) <= 1e-4
+    np.testing.assert_array_equal(
+        minphi3.generate(gpu, ids, max_new_tokens=16, eos_token_id=[]),
+        minphi3.generate(cpu, ids, max_new_tokens=16, eos_token_id=[]),
+    )
