@@ -209,6 +209,7 @@ def config_from_dict(data: Any, source: str = "config.json") -> ModelConfig:
     """Build and validate a ModelConfig from a parsed config.json object."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a JSON object, found {type(data).__name__}")
+    _refuse_huge_integers(data, source)
     fields = _FieldReader(data, source)
     architectures = _read_architectures(fields)
     model_type = data.get("model_type")
@@ -227,6 +228,25 @@ def config_from_dict(data: Any, source: str = "config.json") -> ModelConfig:
         )
     validate_config(config, source)
     return config
+
+
+def _refuse_huge_integers(data: dict, source: str) -> None:
+    """Every integer in config.json must fit in 64 bits (sizes become NumPy shapes and indices).
+
+    JSON integers have no size limit in Python: a 400-digit vocab_size would otherwise reach a float
+    conversion (OverflowError) or an error message (repr refuses ints over 4300 digits).
+    """
+    stack = [("", data)]
+    while stack:  # iterative: nesting depth is whatever the JSON parser allowed
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{key}" if where else str(key), item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ConfigError(
+                f"{source}: field {where!r} is an integer of {value.bit_length()} bits; config.json numbers must fit in 64 bits"
+            )
 
 
 def _read_architectures(fields: _FieldReader) -> tuple[str, ...]:
@@ -283,17 +303,28 @@ def _common_fields(fields: _FieldReader, architectures: tuple[str, ...]) -> dict
         eos_token_id=fields.optional_token_ids("eos_token_id"),
         pad_token_id=fields.optional_token_id("pad_token_id"),
         num_labels=num_labels,
-        id2label=MappingProxyType({int(k): str(v) for k, v in id2label.items() if str(k).lstrip("-").isdigit()}),
+        id2label=MappingProxyType(_labels_by_id(id2label)),
         problem_type=fields.data.get("problem_type") if isinstance(fields.data.get("problem_type"), str) else None,
         torch_dtype=fields.data.get("torch_dtype") or fields.data.get("dtype"),
     )
 
 
+def _labels_by_id(id2label: dict) -> dict[int, str]:
+    """config.json's id2label with integer keys; keys that are not integers ("x", "--5") are dropped."""
+    labels = {}
+    for key, value in id2label.items():
+        try:
+            labels[int(key)] = str(value)
+        except ValueError:
+            continue
+    return labels
+
+
 def _rope_theta(fields: _FieldReader, rope_parameters: dict) -> float:
     """rope_theta from `rope_parameters` (transformers 5) or the top level (published files)."""
     theta = rope_parameters.get("rope_theta", fields.data.get("rope_theta", 10000.0))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-        raise ConfigError(f"{fields.source}: field 'rope_theta' must be a positive number, found {theta!r}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (theta > 0 and math.isfinite(theta)):
+        raise ConfigError(f"{fields.source}: field 'rope_theta' must be a positive finite number, found {theta!r}")
     return float(theta)
 
 
@@ -384,8 +415,10 @@ def _read_longrope(scaling: dict | None, source: str) -> RopeScaling | None:
     optional = {}
     for name in ("factor", "attention_factor"):
         value = scaling.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-            raise ConfigError(f"{source}: field 'rope_scaling.{name}' must be a positive number, found {value!r}")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value))
+        ):
+            raise ConfigError(f"{source}: field 'rope_scaling.{name}' must be a positive finite number, found {value!r}")
         optional[name] = None if value is None else float(value)
     return RopeScaling(rope_type="longrope", **factors, **optional)
 

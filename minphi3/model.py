@@ -211,7 +211,10 @@ def cross_entropy(logits, targets):
     counted = targets != IGNORE_INDEX
     safe_targets = xp.where(counted, targets, 0)
     picked = xp.take_along_axis(log_probs, safe_targets[..., None].astype(np.int64), axis=-1)[..., 0]
-    return -(picked * counted).sum() / xp.maximum(counted.sum(), 1)
+    count = counted.sum()
+    if int(count) == 0:
+        return xp.asarray(np.nan, dtype=log_probs.dtype)  # a mean over no tokens, as in transformers
+    return -(picked * counted).sum() / count
 
 
 def last_non_pad_index(input_ids, pad_token_id):
