@@ -35,7 +35,7 @@ class KVCache:
     """
 
     def __init__(self, config, batch_size: int, capacity: int, xp=np, dtype=np.float32):
-        window = config.sliding_window if config.is_phi3 else None
+        window = config.sliding_window  # None for every model without a window (all Phi models)
         self.sliding_window = window
         self.batch_size = batch_size
         self.num_layers = config.num_hidden_layers
@@ -161,6 +161,17 @@ def _is_contiguous_run(slots) -> bool:
     """True when the slots are consecutive (no wrap-around), so a plain slice can be written."""
     first, last = int(slots[0]), int(slots[-1])
     return last - first == slots.shape[0] - 1
+
+
+def cache_nbytes(config, batch_size: int, capacity: int, dtype=np.float32) -> int:
+    """Bytes the keys and values of a KVCache(config, batch_size, capacity) take, before allocating it.
+
+    2 (keys, values) x layers x batch x kv_heads x slots x head_dim x itemsize, where
+    slots = min(capacity, sliding_window) as in `KVCache.__init__`.
+    """
+    slots = capacity if config.sliding_window is None else min(capacity, config.sliding_window)
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * np.dtype(dtype).itemsize
+    return per_token * batch_size * max(int(slots), 1)
 
 
 def new_cache(config, batch_size: int, capacity: int, xp=np, dtype=np.float32) -> KVCache:

@@ -1,10 +1,11 @@
 """GGUF -> Hugging Face checkpoint: `python -m minphi3 convert IN.gguf OUT_DIR`.
 
-The folder written is a plain `Phi3ForCausalLM` checkpoint that transformers
-(`Phi3ForCausalLM.from_pretrained`, `AutoTokenizer.from_pretrained`) and `minphi3.load` read:
+The folder written is a plain `Phi3ForCausalLM` checkpoint (a `PhiForCausalLM` one for a `phi2`
+file: phi-1, phi-1.5, phi-2) that transformers (`Phi3ForCausalLM` / `PhiForCausalLM`
+`.from_pretrained`, `AutoTokenizer.from_pretrained`) and `minphi3.load` read:
 
-    config.json              Phi3ForCausalLM, from the GGUF metadata (`minphi3.gguf.gguf_config`)
-    model.safetensors        every tensor dequantized to float32, in the Phi-3 layout
+    config.json              Phi3ForCausalLM or PhiForCausalLM, from the GGUF metadata (`minphi3.gguf.gguf_config`)
+    model.safetensors        every tensor dequantized to float32, in the Phi-3 (or Phi) layout
     tokenizer.json           the `tokenizers` pipeline rebuilt from tokenizer.ggml.* metadata
     tokenizer_config.json    bos/eos/unk/pad tokens, add_bos_token, the chat template
     generation_config.json   bos, pad and the eos ids generation stops at (eos and chat-end tokens)

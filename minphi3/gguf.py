@@ -1,9 +1,10 @@
-"""GGUF files (llama.cpp, ollama, LM Studio) read into the Phi-3 layout.
+"""GGUF files (llama.cpp, ollama, LM Studio) read into the Phi-3 or the Phi layout.
 
 A GGUF file is one self-describing blob: metadata (the config and the tokenizer, under llama.cpp's
 key names), a table of tensors (name, shape, storage type, offset), then the tensor data, often
-quantized in blocks. This module turns one into exactly what a Hugging Face `Phi3ForCausalLM`
-checkpoint would hold, so the rest of minphi3 never knows where the weights came from:
+quantized in blocks. This module turns one into exactly what a Hugging Face `Phi3ForCausalLM` (or,
+for phi-1, phi-1.5 and phi-2, `PhiForCausalLM`) checkpoint would hold, so the rest of minphi3 never
+knows where the weights came from:
 
 - `read_gguf_checkpoint(path)` -> (config dict as in `config.json`, {Hugging Face name: float array}).
   Architectures:
@@ -15,7 +16,11 @@ checkpoint would hold, so the rest of minphi3 never knows where the weights came
     Hugging Face models rotate halves); `unpermute_rows` undoes it. The two architectures compute the
     same function once this is done: Phi-3 *is* Llama with fused projections (and optional
     LongRoPE, partial rotary and sliding window, none of which a `llama` file uses).
-  * `phi2`: refused for now, with a message that says so.
+  * `phi2` (phi-1, phi-1.5, phi-2): mapped onto `PhiForCausalLM`, not Phi-3. Every projection and
+    norm has a bias; q/k/v come fused (`attn_qkv`, from the original phi-2 `Wqkv`, rows q | k | v)
+    or separate (`attn_q`, `attn_k`, `attn_v`, from the Hugging Face `q_proj`...), and are split
+    or kept as `q_proj`, `k_proj`, `v_proj`. llama.cpp rotates halves for phi2, as Hugging Face
+    does, so nothing is permuted. See `PHI2_NAMES` for the whole name map.
 - `load_gguf_tokenizer(path)` -> `minphi3.tokenizer.Tokenizer`, rebuilt from `tokenizer.ggml.*`:
   byte-level BPE (`gpt2`) and SentencePiece-style BPE with byte fallback (`llama`), their special
   tokens and chat template. The pipeline mirrors transformers' GGUF tokenizer (see the tokenizer
@@ -39,7 +44,7 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError, TokenizerError
 
-SUPPORTED_ARCHITECTURES = ("phi3", "llama")
+SUPPORTED_ARCHITECTURES = ("phi3", "llama", "phi2")
 
 
 # ================================================================================================
@@ -268,7 +273,7 @@ def dequantize(tensor, path, dtype=np.float32) -> np.ndarray:
 
 
 # ================================================================================================
-# The config: GGUF metadata -> a config.json dict for Phi3ForCausalLM
+# The config: GGUF metadata -> a config.json dict (Phi3ForCausalLM, or PhiForCausalLM for phi2)
 # ================================================================================================
 
 
@@ -283,10 +288,10 @@ def _key(metadata: dict, key: str, path, required: bool = True, default=None):
 
 def _positive_int(metadata: dict, key: str, path, default=None) -> int:
     value = _key(metadata, key, path, required=default is None, default=default)
-    if isinstance(value, list):  # some files give a per-layer list; Phi-3 needs one value
+    if isinstance(value, list):  # some files give a per-layer list; minphi3 needs one value
         if not value or len(set(value)) != 1:
             raise ConfigError(
-                f"{path}: GGUF metadata {key!r} varies per layer ({value[:8]}...), which Phi-3 cannot express"
+                f"{path}: GGUF metadata {key!r} varies per layer ({value[:8]}...), which minphi3 cannot express"
             )
         value = value[0]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -302,17 +307,12 @@ def _positive_float(metadata: dict, key: str, path, default=None) -> float:
 
 
 def gguf_architecture(metadata: dict, path) -> str:
-    """`general.architecture`, checked against what minphi3 can map onto Phi-3."""
+    """`general.architecture`, checked against what minphi3 can map onto Phi-3 or Phi."""
     arch = _key(metadata, "general.architecture", path)
-    if arch == "phi2":
-        raise ConfigError(
-            f"{path}: GGUF architecture phi2 is not supported yet (phi-1, phi-1.5 and phi-2 need "
-            "PhiForCausalLM); load their Hugging Face safetensors checkpoint instead"
-        )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(
-            f"{path}: GGUF architecture {arch!r} is not supported: minphi3 reads "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (mapped onto the Phi-3 layout)"
+            f"{path}: GGUF architecture {arch!r} is not supported: minphi3 reads phi3 and llama "
+            "(mapped onto the Phi-3 layout) and phi2 (the Phi layout of phi-1, phi-1.5 and phi-2)"
         )
     return arch
 
@@ -322,12 +322,27 @@ def _token_id(metadata: dict, name: str):
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def gguf_config(metadata: dict, tensors: dict, path) -> dict:
-    """The `config.json` of the Phi3ForCausalLM this file describes.
+def rotary_factor(rotary_dim: int, head_dim: int) -> float:
+    """partial_rotary_factor for `rotary_dim` rotating dims of `head_dim`.
 
-    Sizes come from `{arch}.*` metadata; the vocabulary size from the embedding's rows; tied
-    embeddings when the file has no `output.weight`; LongRoPE from the `rope_factors_*` tensors
-    (phi3 only); `partial_rotary_factor = rope.dimension_count / head_dim`.
+    Readers recover the dims as int(head_dim * factor); for a few sizes (12 of 47, 30 of 176)
+    rotary_dim / head_dim times head_dim lands one ulp below rotary_dim and would truncate to one
+    dim less. The factor is then nudged up by one ulp, so that the product is rotary_dim again.
+    """
+    factor = rotary_dim / head_dim
+    if int(head_dim * factor) < rotary_dim:
+        factor = float(np.nextafter(factor, 2.0))
+    return factor
+
+
+def gguf_config(metadata: dict, tensors: dict, path) -> dict:
+    """The `config.json` of the model this file describes.
+
+    `phi3` and `llama` files give a Phi3ForCausalLM, `phi2` files a PhiForCausalLM. Sizes come from
+    `{arch}.*` metadata; the vocabulary size from the embedding's rows; tied embeddings when the
+    file has no `output.weight`; `partial_rotary_factor = rope.dimension_count / head_dim`
+    (phi-2: 32 / 80 = 0.4); rope base `rope.freq_base`, 10000 where absent (llama.cpp writes
+    none for phi2); LongRoPE from the `rope_factors_*` tensors (phi3 only).
     """
     arch = gguf_architecture(metadata, path)
     k = f"{arch}."
@@ -337,12 +352,16 @@ def gguf_config(metadata: dict, tensors: dict, path) -> dict:
     context = _positive_int(metadata, k + "context_length", path)
     if hidden % heads:
         raise ConfigError(f"{path}: {k}embedding_length {hidden} is not divisible by {k}attention.head_count {heads}")
+    if heads % kv_heads:
+        raise ConfigError(
+            f"{path}: {k}attention.head_count {heads} is not a multiple of {k}attention.head_count_kv {kv_heads}"
+        )
     head_dim = hidden // heads
     key_length = metadata.get(k + "attention.key_length", head_dim)
     if key_length != head_dim:
         raise ConfigError(
             f"{path}: {k}attention.key_length is {key_length} but embedding_length / head_count is {head_dim}; "
-            "the Phi-3 layout needs head_dim = hidden / heads"
+            "minphi3 needs head_dim = hidden / heads"
         )
     rotary_dim = _positive_int(metadata, k + "rope.dimension_count", path, default=head_dim)
     if rotary_dim > head_dim or rotary_dim % 2:
@@ -353,34 +372,28 @@ def gguf_config(metadata: dict, tensors: dict, path) -> dict:
     if scaling_type not in ("none", None) or "rope_freqs.weight" in tensors:
         raise ConfigError(
             f"{path}: rope scaling {scaling_type!r}{' (rope_freqs.weight)' if 'rope_freqs.weight' in tensors else ''} "
-            "is not supported: the Phi-3 layout knows plain RoPE and LongRoPE only"
+            "is not supported: minphi3 knows plain RoPE and (for phi3 files) LongRoPE only"
         )
     if metadata.get(k + "expert_count"):
-        raise ConfigError(f"{path}: a mixture-of-experts model ({k}expert_count) has no place in the Phi-3 layout")
+        raise ConfigError(f"{path}: a mixture-of-experts model ({k}expert_count) is not supported by minphi3")
     embedding = tensors.get("token_embd.weight")
     if embedding is None or len(embedding.shape) != 2:
         raise CheckpointError(f"{path}: GGUF file has no 2-d tensor 'token_embd.weight' (the token embedding)")
-    vocab = int(embedding.shape[1])
 
-    window = metadata.get(k + "attention.sliding_window") if arch == "phi3" else None
-    config = {
-        "architectures": ["Phi3ForCausalLM"],
-        "model_type": "phi3",
-        "vocab_size": vocab,
+    sizes = {
+        "vocab_size": int(embedding.shape[1]),
         "hidden_size": hidden,
         "intermediate_size": _positive_int(metadata, k + "feed_forward_length", path),
         "num_hidden_layers": _positive_int(metadata, k + "block_count", path),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "hidden_act": "silu",
-        "rms_norm_eps": _positive_float(metadata, k + "attention.layer_norm_rms_epsilon", path),
+    }
+    rope = {
         "rope_theta": _positive_float(metadata, k + "rope.freq_base", path, default=10000.0),
-        "partial_rotary_factor": rotary_dim / head_dim,
+        "partial_rotary_factor": rotary_factor(rotary_dim, head_dim),
         "max_position_embeddings": context,
-        "original_max_position_embeddings": context,
-        "rope_scaling": None,
-        # llama.cpp writes 0 for "no window" (phi-4); a llama file never has one.
-        "sliding_window": int(window) if isinstance(window, int) and window > 0 else None,
+    }
+    rest = {
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": _token_id(metadata, "bos"),
         "eos_token_id": _token_id(metadata, "eos"),
@@ -389,6 +402,32 @@ def gguf_config(metadata: dict, tensors: dict, path) -> dict:
         "embd_pdrop": 0.0,
         "resid_pdrop": 0.0,
         "use_cache": True,
+    }
+    if arch == "phi2":  # LayerNorm with bias, a GELU MLP, no rope scaling, no window
+        return {
+            "architectures": ["PhiForCausalLM"],
+            "model_type": "phi",
+            **sizes,
+            "hidden_act": "gelu_new",
+            "layer_norm_eps": _positive_float(metadata, k + "attention.layer_norm_epsilon", path),
+            "qk_layernorm": False,  # llama.cpp's phi2 has no q/k norm tensors
+            **rope,
+            "rope_scaling": None,
+            **rest,
+        }
+    window = metadata.get(k + "attention.sliding_window") if arch == "phi3" else None
+    config = {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        **sizes,
+        "hidden_act": "silu",
+        "rms_norm_eps": _positive_float(metadata, k + "attention.layer_norm_rms_epsilon", path),
+        **rope,
+        "original_max_position_embeddings": context,
+        "rope_scaling": None,
+        # llama.cpp writes 0 for "no window" (phi-4); a llama file never has one.
+        "sliding_window": int(window) if isinstance(window, int) and window > 0 else None,
+        **rest,
     }
     if arch == "phi3" and ("rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors):
         config.update(_longrope(metadata, tensors, config, path))
@@ -419,7 +458,7 @@ def _longrope(metadata: dict, tensors: dict, config: dict, path) -> dict:
 
 
 # ================================================================================================
-# The tensors: llama.cpp names -> Hugging Face Phi-3 names
+# The tensors: llama.cpp names -> Hugging Face Phi-3 (or Phi) names
 # ================================================================================================
 
 
@@ -465,6 +504,56 @@ def _layer_tensors(arch: str, layer: int, take, config: dict) -> dict:
     return out
 
 
+# llama.cpp's phi2 names (gguf-py MODEL_TENSORS[PHI2]) -> PhiForCausalLM's; each has .weight and .bias.
+PHI2_NAMES = {
+    "token_embd": "model.embed_tokens",  # weight only
+    "blk.N.attn_norm": "model.layers.N.input_layernorm",
+    "blk.N.attn_qkv": "model.layers.N.self_attn.{q,k,v}_proj",  # fused, rows q | k | v; or:
+    "blk.N.attn_q": "model.layers.N.self_attn.q_proj",
+    "blk.N.attn_k": "model.layers.N.self_attn.k_proj",
+    "blk.N.attn_v": "model.layers.N.self_attn.v_proj",
+    "blk.N.attn_output": "model.layers.N.self_attn.dense",
+    "blk.N.ffn_up": "model.layers.N.mlp.fc1",
+    "blk.N.ffn_down": "model.layers.N.mlp.fc2",
+    "output_norm": "model.final_layernorm",
+    "output": "lm_head",  # the bias always; the weight unless tied to token_embd
+}
+
+
+def _phi2_layer_tensors(layer: int, take, config: dict) -> dict:
+    """One PhiForCausalLM layer from a phi2 file's `blk.{layer}.*` tensors (`take` dequantizes).
+
+    Every tensor comes with its bias. A fused attn_qkv ([q_width + 2 kv_width, hidden]) is cut
+    into q_proj, k_proj and v_proj rows; dequantization works row by row, so the cut is exact.
+    """
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    q_width, kv_width = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    blk, hf = f"blk.{layer}.", f"model.layers.{layer}."
+    out = {}
+
+    def with_bias(gguf_leaf: str, hf_leaf: str, shape: tuple) -> None:
+        out[hf + hf_leaf + ".weight"] = take(blk + gguf_leaf + ".weight", shape)
+        out[hf + hf_leaf + ".bias"] = take(blk + gguf_leaf + ".bias", shape[:1])
+
+    with_bias("attn_norm", "input_layernorm", (hidden,))
+    if take.has(blk + "attn_qkv.weight"):  # converted from the original phi-2 (`mixer.Wqkv`)
+        weight = take(blk + "attn_qkv.weight", (q_width + 2 * kv_width, hidden))
+        bias = take(blk + "attn_qkv.bias", (q_width + 2 * kv_width,))
+        cuts = [q_width, q_width + kv_width]
+        parts = zip(np.split(weight, cuts), np.split(bias, cuts), strict=True)
+        for name, (w, b) in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True):
+            out[hf + f"self_attn.{name}.weight"], out[hf + f"self_attn.{name}.bias"] = w, b
+    else:  # converted from the Hugging Face PhiForCausalLM
+        with_bias("attn_q", "self_attn.q_proj", (q_width, hidden))
+        with_bias("attn_k", "self_attn.k_proj", (kv_width, hidden))
+        with_bias("attn_v", "self_attn.v_proj", (kv_width, hidden))
+    with_bias("attn_output", "self_attn.dense", (hidden, q_width))
+    with_bias("ffn_up", "mlp.fc1", (inter, hidden))
+    with_bias("ffn_down", "mlp.fc2", (hidden, inter))
+    return out
+
+
 class _Taker:
     """Dequantizes named GGUF tensors on demand, checks their shapes and remembers which were used."""
 
@@ -493,14 +582,15 @@ def read_gguf_config(path) -> dict:
 
 
 def read_gguf_checkpoint(path, dtype="float32", progress: bool = False) -> tuple[dict, dict]:
-    """Read a GGUF file as a Hugging Face Phi-3 checkpoint: (config dict, {name: array}).
+    """Read a GGUF file as a Hugging Face checkpoint: (config dict, {name: array}).
 
-    config: as `config.json` of Phi3ForCausalLM. tensors: Hugging Face names in PyTorch Linear
-    layout [out, in], as arrays of `dtype` (float32 by default; dequantization happens in float32):
-    model.embed_tokens.weight [vocab, hidden], model.layers.N.self_attn.qkv_proj.weight
-    [(heads + 2 kv_heads) head_dim, hidden], ..., lm_head.weight [vocab, hidden] unless tied.
-    Tensors are dequantized one at a time (shapes checked first), so the peak memory is the output
-    plus one layer's separate q/k/v or gate/up parts.
+    config: as `config.json` of Phi3ForCausalLM (phi3, llama) or PhiForCausalLM (phi2). tensors:
+    Hugging Face names in PyTorch Linear layout [out, in], as arrays of `dtype` (float32 by default;
+    dequantization happens in float32): model.embed_tokens.weight [vocab, hidden],
+    model.layers.N.self_attn.qkv_proj.weight [(heads + 2 kv_heads) head_dim, hidden] (Phi-3) or
+    model.layers.N.self_attn.q_proj.weight [heads head_dim, hidden] and .bias (Phi), ...,
+    lm_head.weight [vocab, hidden] unless tied. Tensors are dequantized one at a time (shapes
+    checked first), so the peak memory is the output plus one layer's separate q/k/v or gate/up parts.
     """
     path = Path(path)
     dtype = np.dtype(dtype)
@@ -519,15 +609,29 @@ def read_gguf_checkpoint(path, dtype="float32", progress: bool = False) -> tuple
         layers = tqdm(layers, desc=f"reading {path.name}", unit="layer")
     out = {"model.embed_tokens.weight": take("token_embd.weight", (vocab, hidden))}
     for layer in layers:
-        out.update(_layer_tensors(arch, layer, take, config))
-    out["model.norm.weight"] = take("output_norm.weight", (hidden,))
+        if arch == "phi2":
+            out.update(_phi2_layer_tensors(layer, take, config))
+        else:
+            out.update(_layer_tensors(arch, layer, take, config))
+    if arch == "phi2":  # a LayerNorm with bias, and a head with a bias even when its weight is tied
+        out["model.final_layernorm.weight"] = take("output_norm.weight", (hidden,))
+        out["model.final_layernorm.bias"] = take("output_norm.bias", (hidden,))
+    else:
+        out["model.norm.weight"] = take("output_norm.weight", (hidden,))
     if not config["tie_word_embeddings"]:
         out["lm_head.weight"] = take("output.weight", (vocab, hidden))
+    if arch == "phi2":
+        out["lm_head.bias"] = take("output.bias", (vocab,))
     unused = sorted(set(tensors) - take.used)
     if unused:
+        layout, unsupported = (
+            ("Phi (PhiForCausalLM)", "q/k norms, extra norms or experts")
+            if arch == "phi2"
+            else ("Phi-3", "biases, extra norms or experts")
+        )
         raise CheckpointError(
-            f"{path}: GGUF file has tensors that have no place in the Phi-3 layout: {', '.join(unused[:8])}"
-            f"{' ...' if len(unused) > 8 else ''} (biases, extra norms or experts are not supported)"
+            f"{path}: GGUF file has tensors that have no place in the {layout} layout: {', '.join(unused[:8])}"
+            f"{' ...' if len(unused) > 8 else ''} ({unsupported} are not supported)"
         )
     return config, out
 

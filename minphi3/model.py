@@ -117,8 +117,7 @@ def self_attention(q, k, v, weights_out, bias_out, config, layer: int, step: Ste
     key_index, key_padding = step.key_index, step.key_padding
     if step.cache is not None:
         k, v, key_index, key_padding = step.cache.write(layer, step.slots, k, v)
-    window = config.sliding_window if config.is_phi3 else None
-    mask = attention_mask(step.query_index, key_index, key_padding, window)
+    mask = attention_mask(step.query_index, key_index, key_padding, config.sliding_window)
     out, weights = grouped_query_attention(q, k, v, mask, config.head_dim**-0.5, step.output_attentions)
     return linear(merge_heads(out), weights_out, bias_out), weights
 

@@ -67,9 +67,6 @@ def gelu_new(x):
     return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
 
 
-ACTIVATIONS = {"silu": silu, "gelu_new": gelu_new, "gelu_pytorch_tanh": gelu_new}
-
-
 def softmax(scores, axis=-1):
     """Softmax along `axis`, computed in at least float32, returned in that wide dtype.
 

@@ -12,6 +12,10 @@
     transformers' GGUF loading, the converted folder in transformers' Phi3ForCausalLM, tokenizer ids
     and chat template vs transformers, and a greedy answer that knows Paris.
 (c) Truncated, corrupt and incomplete files give minphi3 errors that name the problem.
+(d) `phi2` (phi-1, phi-1.5, phi-2 as llama.cpp converts them) read as PhiForCausalLM: tiny files with
+    fused and with separate q/k/v, quantized tensors, biases everywhere; logits equal transformers'
+    PhiForCausalLM on the same dequantized weights, the converted folder loads in transformers, the
+    name map agrees with gguf-py's, and broken phi2 metadata gives minphi3 errors.
 """
 
 from __future__ import annotations
@@ -681,18 +685,16 @@ def test_missing_and_misshaped_tensors(phi3_file, tmp_path):
         minphi3.load(path)
 
 
-@pytest.mark.parametrize("arch", ["phi2", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_unsupported_architectures(tmp_path, arch):
+    """(phi2 was refused here until PhiForCausalLM existed; it is read now, see section (d).)"""
     path = write_gguf(
         tmp_path / f"{arch}.gguf",
         arch,
         {"block_count": 1},
         {"token_embd.weight": (np.zeros((4, 32), np.float32), Q.F32)},
     )
-    message = (
-        "GGUF architecture phi2 is not supported yet" if arch == "phi2" else "architecture 'qwen2' is not supported"
-    )
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=f"architecture '{arch}' is not supported"):
         minphi3.load(path)
 
 
@@ -720,3 +722,239 @@ def test_random_corruptions_give_only_minphi3_errors(good_bytes, tmp_path):
             mgguf.load_gguf_tokenizer(bad)
         except MinPhi3Error:
             pass
+
+
+# ================================================================================================
+# (d) phi2: phi-1, phi-1.5 and phi-2 as PhiForCausalLM
+# ================================================================================================
+
+# Phi-2-like: head_dim 20 of which 8 rotate (0.4, as phi-2's 32 of 80); hidden 160 and intermediate
+# 512 are whole numbers of quantization blocks (32; 256 for the K-quants of ffn_down).
+PHI2_HIDDEN, PHI2_INTER, PHI2_HEADS, PHI2_ROTARY = 160, 512, 8, 8
+# Two files, as llama.cpp writes them from the two phi-2 checkpoint formats:
+#   fused:    the original microsoft/phi-2 (`mixer.Wqkv`) -> blk.N.attn_qkv; MHA; no rope base key
+#             (llama.cpp writes none for phi2: 10000); an untied head (output.weight).
+#   separate: the Hugging Face PhiForCausalLM (q_proj, k_proj, v_proj) -> attn_q/k/v; here with GQA
+#             8/2, rope base 5000 and a tied head (no output.weight; output.bias still there).
+PHI2_VARIANTS = {
+    "fused": dict(kv_heads=8, rope_theta=None, tied=False, types=(
+        {"attn_qkv": Q.Q4_0, "attn_output": Q.Q8_0, "ffn_up": Q.F16, "ffn_down": Q.Q6_K},
+        {"attn_qkv": Q.F16, "attn_output": Q.Q5_0, "ffn_up": Q.Q4_1, "ffn_down": Q.Q4_K},
+    )),
+    "separate": dict(kv_heads=2, rope_theta=5000.0, tied=True, types=(
+        {"attn_q": Q.Q8_0, "attn_k": Q.F32, "attn_v": Q.Q4_0, "attn_output": Q.F16, "ffn_up": Q.Q4_1,
+         "ffn_down": Q.Q6_K},
+        {"attn_q": Q.BF16, "attn_k": Q.Q5_1, "attn_v": Q.F16, "attn_output": Q.Q8_0, "ffn_up": Q.Q8_0,
+         "ffn_down": Q.F32},
+    )),
+}  # fmt: skip
+
+
+def phi2_metadata(kv_heads: int, rope_theta: float | None) -> dict:
+    """phi2 metadata as llama.cpp's Phi2Model.set_gguf_parameters writes it (GGUFWriter method suffixes)."""
+    metadata = dict(
+        context_length=128, embedding_length=PHI2_HIDDEN, feed_forward_length=PHI2_INTER, block_count=2,
+        head_count=PHI2_HEADS, head_count_kv=kv_heads, layer_norm_eps=1e-5, rope_dimension_count=PHI2_ROTARY,
+    )  # fmt: skip
+    if rope_theta is not None:
+        metadata["rope_freq_base"] = rope_theta
+    return metadata
+
+
+def tiny_phi2(folder, variant: str):
+    """Write phi2.gguf and reference/ (the same dequantized weights as a PhiForCausalLM safetensors
+    folder). -> (path, reference folder, metadata, {gguf name: (data, qtype)})."""
+    from safetensors.numpy import save_file
+
+    spec = PHI2_VARIANTS[variant]
+    rng = np.random.default_rng(11 if variant == "fused" else 12)
+    tokens = byte_level_vocab()[0]
+    vocab, h, i, kv = len(tokens), PHI2_HIDDEN, PHI2_INTER, spec["kv_heads"]
+    d = h // PHI2_HEADS
+    q_width, kv_width = PHI2_HEADS * d, kv * d
+    tensors, reference = {}, {}
+
+    def add(gguf_name, hf_names, shape, qtype, norm=False, cuts=None):
+        data, values = stored(random_weight(rng, *shape, norm=norm), qtype, rng)
+        tensors[gguf_name] = (data, qtype)
+        for hf_name, part in zip(hf_names, np.split(values, cuts or []), strict=True):
+            reference[hf_name] = np.ascontiguousarray(part)
+
+    def linear(gguf_leaf, hf_leaves, rows, cols, qtype, bias_type=Q.F32, cuts=None):
+        add(gguf_leaf + ".weight", [leaf + ".weight" for leaf in hf_leaves], (rows, cols), qtype, cuts=cuts)
+        add(gguf_leaf + ".bias", [leaf + ".bias" for leaf in hf_leaves], (rows,), bias_type, cuts=cuts)
+
+    add("token_embd.weight", ["model.embed_tokens.weight"], (vocab, h), Q.Q8_0 if variant == "fused" else Q.F16)
+    for layer, types in enumerate(spec["types"]):
+        blk, hf = f"blk.{layer}.", f"model.layers.{layer}."
+        add(blk + "attn_norm.weight", [hf + "input_layernorm.weight"], (h,), Q.F32, norm=True)
+        add(blk + "attn_norm.bias", [hf + "input_layernorm.bias"], (h,), Q.F32)
+        if "attn_qkv" in types:
+            qkv = [hf + f"self_attn.{p}_proj" for p in "qkv"]
+            linear(blk + "attn_qkv", qkv, q_width + 2 * kv_width, h, types["attn_qkv"],
+                   cuts=[q_width, q_width + kv_width])  # fmt: skip
+        else:
+            for p, rows in (("q", q_width), ("k", kv_width), ("v", kv_width)):
+                linear(blk + f"attn_{p}", [hf + f"self_attn.{p}_proj"], rows, h, types[f"attn_{p}"])
+        linear(blk + "attn_output", [hf + "self_attn.dense"], h, q_width, types["attn_output"], bias_type=Q.F16)
+        linear(blk + "ffn_up", [hf + "mlp.fc1"], i, h, types["ffn_up"])
+        linear(blk + "ffn_down", [hf + "mlp.fc2"], h, i, types["ffn_down"])
+    add("output_norm.weight", ["model.final_layernorm.weight"], (h,), Q.F32, norm=True)
+    add("output_norm.bias", ["model.final_layernorm.bias"], (h,), Q.F32)
+    if not spec["tied"]:
+        add("output.weight", ["lm_head.weight"], (vocab, h), Q.Q4_1)
+    add("output.bias", ["lm_head.bias"], (vocab,), Q.F32)
+
+    metadata = phi2_metadata(kv, spec["rope_theta"])
+    path = write_gguf(folder / "phi2.gguf", "phi2", metadata, tensors, tokenizer="byte_level")
+    config = dict(
+        architectures=["PhiForCausalLM"], model_type="phi", vocab_size=vocab, hidden_size=h, intermediate_size=i,
+        num_hidden_layers=2, num_attention_heads=PHI2_HEADS, num_key_value_heads=kv, hidden_act="gelu_new",
+        layer_norm_eps=1e-5, partial_rotary_factor=PHI2_ROTARY / d, rope_theta=spec["rope_theta"] or 10000.0,
+        max_position_embeddings=128, tie_word_embeddings=spec["tied"], qk_layernorm=False,
+        bos_token_id=vocab - 3, eos_token_id=vocab - 2,
+    )  # fmt: skip
+    ref = folder / "reference"
+    ref.mkdir()
+    save_file(reference, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    (ref / "config.json").write_text(json.dumps(config))
+    return path, ref, metadata, tensors
+
+
+@pytest.fixture(scope="module", params=list(PHI2_VARIANTS))
+def phi2_file(request, tmp_path_factory):
+    return tiny_phi2(tmp_path_factory.mktemp(f"gguf_phi2_{request.param}"), request.param)
+
+
+PHI2_IDS = np.random.default_rng(13).integers(0, len(byte_level_vocab()[0]), size=(2, 40))
+
+
+def test_phi2_names_agree_with_gguf_py():
+    """minphi3's phi2 name map is llama.cpp's: the tensors gguf-py lists for MODEL_ARCH.PHI2 (less
+    ffn_norm, which a parallel block has no use for), and its converter's map of the Hugging Face names."""
+    arch = gguf.MODEL_ARCH.PHI2
+    listed = {gguf.TENSOR_NAMES[t].replace("{bid}", "N") for t in gguf.MODEL_TENSORS[arch]}
+    assert set(mgguf.PHI2_NAMES) == listed - {"blk.N.ffn_norm"}
+    converter = gguf.get_tensor_name_map(arch, 4)
+    for ours, hf in mgguf.PHI2_NAMES.items():
+        if "{" in hf:  # the fused qkv has no Hugging Face name; the original phi-2 called it Wqkv
+            hf = "transformer.h.N.mixer.Wqkv"
+        for suffix in (".weight", ".bias"):
+            name = converter.get_name(hf.replace("N", "3") + suffix, try_suffixes=(".weight", ".bias"))
+            assert name == ours.replace("N", "3") + suffix, hf
+
+
+def test_phi2_tensors_and_config(phi2_file):
+    from safetensors.numpy import load_file
+
+    path, ref, _, _ = phi2_file
+    config, tensors = mgguf.read_gguf_checkpoint(path)
+    reference = load_file(str(ref / "model.safetensors"))
+    assert sorted(tensors) == sorted(reference)
+    for name, values in reference.items():
+        assert tensors[name].dtype == np.float32
+        np.testing.assert_array_equal(tensors[name], values, err_msg=name)
+    for key, value in json.loads((ref / "config.json").read_text()).items():
+        assert config[key] == value, key
+    assert mgguf.read_gguf_config(path) == config
+    assert minphi3.config.config_from_dict(config).rotary_dim == PHI2_ROTARY
+    _, half = mgguf.read_gguf_checkpoint(path, dtype="float16")
+    assert all(t.dtype == np.float16 for t in half.values())
+
+
+def test_phi2_logits_equal_safetensors_and_transformers(phi2_file):
+    path, ref, _, _ = phi2_file
+    model = minphi3.load(path)
+    assert model.config.model_type == "phi"
+    ours = logits(model, PHI2_IDS)
+    theirs = torch_logits(load_oracle(ref, "PhiForCausalLM"), PHI2_IDS)
+    np.testing.assert_allclose(ours, logits(minphi3.load(ref), PHI2_IDS), rtol=0, atol=1e-5)
+    difference = assert_logits_close(ours, theirs)
+    print(f"phi2 {path.parent.name}: max |delta logits| vs transformers = {difference:.2e} "
+          f"(max |logits| {np.abs(theirs).max():.1f})")  # fmt: skip
+
+
+def test_pinned_transformers_cannot_read_phi2_gguf(phi2_file):
+    """Why the phi2 files are checked against transformers on the same weights as safetensors:
+    transformers 5.23 has no phi2 GGUF mapping and refuses the file (if a new pin adds one, this
+    test fails and should become a direct logits comparison)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    path, _, _, _ = phi2_file
+    assert "phi2" not in GGUF_SUPPORTED_ARCHITECTURES
+    with pytest.raises(Exception, match="phi2"):
+        transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+
+
+def test_phi2_converted_folder_loads_in_transformers(phi2_file, tmp_path):
+    path, ref, _, _ = phi2_file
+    out = convert_gguf(path, tmp_path / "converted")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["architectures"], config["model_type"]) == (["PhiForCausalLM"], "phi")
+    phi = transformers.PhiForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+    theirs = torch_logits(phi, PHI2_IDS)
+    assert_logits_close(theirs, torch_logits(load_oracle(ref, "PhiForCausalLM"), PHI2_IDS))
+    assert_logits_close(logits(minphi3.load(out), PHI2_IDS), theirs)
+    ours, converted = load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(out)
+    for text in TINY_TEXTS:
+        assert converted(text)["input_ids"] == ours.encode(text), text
+    generation = json.loads((out / "generation_config.json").read_text())
+    tokens = byte_level_vocab()[0]
+    assert generation["eos_token_id"] == [tokens.index("<|eot_id|>"), tokens.index("<|endoftext|>")]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"skip": "embedding_length"}, r"missing the required key 'phi2\.embedding_length'"),
+        ({"skip": "layer_norm_eps"}, r"missing the required key 'phi2\.attention\.layer_norm_epsilon'"),
+        ({"skip": "block_count"}, r"'phi2\.block_count'"),
+        ({"skip": "feed_forward_length"}, r"'phi2\.feed_forward_length'"),
+        ({"layer_norm_eps": -1e-5}, r"'phi2\.attention\.layer_norm_epsilon' should be a positive number"),
+        ({"rope_dimension_count": 7}, r"phi2\.rope\.dimension_count 7 should be even"),
+        ({"rope_dimension_count": 40}, r"phi2\.rope\.dimension_count 40 should be even and at most head_dim 20"),
+        ({"head_count": 7}, r"phi2\.embedding_length 160 is not divisible by phi2\.attention\.head_count 7"),
+        ({"head_count_kv": 3}, r"head_count 8 is not a multiple of phi2\.attention\.head_count_kv 3"),
+        ({"context_length": 0}, r"'phi2\.context_length' should be a positive integer"),
+    ],
+    ids=lambda x: str(x)[:40],
+)
+def test_phi2_broken_metadata(tmp_path, change, message):
+    metadata = phi2_metadata(8, None)
+    skip = {change.pop("skip")} if "skip" in change else set()
+    metadata.update(change)
+    tensors = {"token_embd.weight": (np.zeros((8, PHI2_HIDDEN), np.float32), Q.F32)}
+    path = write_gguf(tmp_path / "bad.gguf", "phi2", metadata, tensors, skip=skip)
+    with pytest.raises(ConfigError, match=message):
+        minphi3.load(path)
+
+
+def test_phi2_broken_tensors(tmp_path):
+    """Missing biases, a q/k norm llama.cpp's phi2 never has, fused and separate q/k/v together, a
+    fused qkv that does not match head_count_kv: CheckpointErrors that name the tensor."""
+    path, _, metadata, tensors = tiny_phi2(tmp_path, "fused")
+    cases = [
+        ("no_qkv_bias", tensors, metadata, {"blk.1.attn_qkv.bias"}, r"no tensor 'blk\.1\.attn_qkv\.bias'"),
+        ("no_head_bias", tensors, metadata, {"output.bias"}, r"no tensor 'output\.bias' \(expected shape \[275\]\)"),
+        ("no_norm_bias", tensors, metadata, {"output_norm.bias"}, r"no tensor 'output_norm\.bias'"),
+        ("q_norm", dict(tensors, **{"blk.0.attn_q_norm.weight": (np.ones(20, np.float32), Q.F32)}), metadata, (),
+         r"no place in the Phi \(PhiForCausalLM\) layout: blk\.0\.attn_q_norm\.weight"),
+        ("both", dict(tensors, **{"blk.0.attn_q.weight": (np.ones((160, 160), np.float32), Q.F32)}), metadata, (),
+         r"no place in the Phi.*blk\.0\.attn_q\.weight"),
+        ("gqa", tensors, dict(metadata, head_count_kv=2), (),
+         r"'blk\.0\.attn_qkv\.weight' has shape \[480, 160\], expected \[240, 160\]"),
+    ]  # fmt: skip
+    for name, case_tensors, case_metadata, skip, message in cases:
+        bad = write_gguf(tmp_path / f"{name}.gguf", "phi2", case_metadata, case_tensors, skip=skip)
+        with pytest.raises(CheckpointError, match=message):
+            minphi3.load(bad)
+
+
+def test_rotary_factor_gives_back_the_rotary_dim():
+    """int(head_dim * factor) is how every reader recovers the rotating dims (transformers, minphi3):
+    rotary_dim / head_dim alone loses one dim for some sizes (12 of 47, 30 of 176)."""
+    assert int(176 * (30 / 176)) == 29  # the trap
+    for head_dim in range(2, 300):
+        for rotary_dim in range(2, head_dim + 1, 2):
+            assert int(head_dim * mgguf.rotary_factor(rotary_dim, head_dim)) == rotary_dim, (rotary_dim, head_dim)
+    assert mgguf.rotary_factor(32, 80) == 0.4  # phi-2, unchanged where nothing is lost
