@@ -72,22 +72,65 @@ def grouped_query_attention(q, k, v, mask, scale: float, return_weights: bool = 
     """softmax(q k^T * scale, masked) v, with each key/value head serving a group of query heads.
 
     q: [batch, heads, seq, head_dim], k, v: [batch, kv_heads, kv_seq, head_dim],
-    mask: bool [batch or 1, 1, seq, kv_seq] -> out: [batch, heads, seq, head_dim],
-    weights: [batch, heads, seq, kv_seq] or None
+    mask: bool [batch or 1, 1, seq, kv_seq], or None when every key is visible to every query
+    -> out: [batch, heads, seq, head_dim], weights: [batch, heads, seq, kv_seq] or None
     Query head h uses key/value head h // (heads / kv_heads) (transformers' `repeat_kv`, the same
     as np.repeat on the head axis). The grouping is done by a reshape, so keys are never copied.
     Masked scores are set to the dtype's lowest finite value (not -inf), so a row with every key
     masked (a left-padding query) gets a uniform distribution rather than NaN, as in transformers.
-    Scores are softmaxed in at least float32.
+    Scores are softmaxed in at least float32. The scores are the largest arrays of a prefill
+    ([batch, heads, seq, kv_seq]), so they are scaled and masked in place, not copied.
     """
     xp = array_module(q)
     batch, heads, seq, head_dim = q.shape
     kv_heads, kv_seq = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     q_grouped = q.reshape(batch, kv_heads, groups * seq, head_dim)
-    scores = (q_grouped @ k.transpose(0, 1, 3, 2)).reshape(batch, heads, seq, kv_seq) * scale
-    wide = compute_dtype(scores.dtype)
-    scores = xp.where(mask, scores.astype(wide, copy=False), np.finfo(scores.dtype).min)
+    scores = (q_grouped @ k.transpose(0, 1, 3, 2)).reshape(batch, heads, seq, kv_seq)
+    scores *= scale
+    lowest = np.finfo(scores.dtype).min
+    scores = scores.astype(compute_dtype(scores.dtype), copy=False)
+    if mask is not None:
+        xp.copyto(scores, lowest, where=~mask)
     weights = softmax(scores).astype(v.dtype, copy=False)
     out = (weights.reshape(batch, kv_heads, groups * seq, kv_seq) @ v).reshape(batch, heads, seq, head_dim)
     return out, (weights if return_weights else None)
+
+
+QUERY_BLOCK = 64  # queries per block in `attention_in_query_blocks`
+
+
+def attention_in_query_blocks(q, k, v, mask, scale: float, block: int = QUERY_BLOCK):
+    """`grouped_query_attention` taken `block` queries at a time, each block against only the
+    run of keys that some query of the block may see. -> out: [batch, heads, seq, head_dim]
+
+    Shapes as in `grouped_query_attention`. The result is the same (up to the order of float
+    additions): a key hidden from every query of a block has weight exactly 0 in each of its
+    rows, so leaving it out changes nothing. Under the causal rule the first queries of a prompt
+    see few keys, so a prompt of n tokens computes about half of the n x n scores instead of all
+    of them, and never holds them all at once (32 heads x 4096^2 float32 scores are 2 GiB).
+    """
+    xp = array_module(q)
+    seq = q.shape[2]
+    if mask is None or seq <= block:
+        return grouped_query_attention(q, k, v, mask, scale)[0]
+    out = xp.empty(q.shape, dtype=q.dtype)
+    for start in range(0, seq, block):
+        rows = slice(start, start + block)
+        keys = visible_key_run(mask[:, :, rows])
+        out[:, :, rows] = grouped_query_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], mask[:, :, rows, keys], scale)[0]
+    return out
+
+
+def visible_key_run(mask) -> slice:
+    """The shortest run of key columns that holds every key some query of `mask` may see.
+
+    mask: bool [..., seq, kv_seq] -> a slice of kv_seq. When some query sees no key at all (a
+    left-padding query), all keys are kept: such a query attends uniformly over every key, as in
+    transformers.
+    """
+    xp = array_module(mask)
+    if not bool(mask.any(axis=-1).all()):
+        return slice(None)
+    seen = xp.nonzero(mask.any(axis=tuple(range(mask.ndim - 1))))[0]
+    return slice(int(seen[0]), int(seen[-1]) + 1)

@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import GenerationError
 from .generate import GenerationStats, TextStreamer, generate
+from .loading import check_cache_memory
 
 
 def common_prefix_length(a, b) -> int:
@@ -84,6 +85,7 @@ class ChatSession:
     def _reuse_cache(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         self.last_reused_tokens = 0
         if self.cache is None:
+            check_cache_memory(self.model.config, 1, len(prompt_ids) + max_new_tokens, self.model.dtype, self.model.xp)
             self.cache = self.model.new_cache(1, len(prompt_ids) + max_new_tokens)
             self.cached_ids = []
             return

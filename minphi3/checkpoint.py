@@ -66,13 +66,7 @@ def checkpoint_files(folder) -> list[Path]:
     candidates = sorted(folder.glob("*.safetensors"))
     if len(candidates) == 1:
         return candidates
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
-    if pickles:
-        raise CheckpointError(
-            f"{folder}: only pickle weights found ({', '.join(pickles)}); minphi3 never unpickles a "
-            "checkpoint because unpickling can run arbitrary code. Convert it to safetensors on a trusted "
-            "machine (for example `model.save_pretrained(out_dir, safe_serialization=True)` in transformers)"
-        )
+    refuse_pickle_only(folder)
     if len(candidates) > 1:
         raise CheckpointError(
             f"{folder}: {len(candidates)} *.safetensors files but no model.safetensors.index.json to say which tensor is where"
@@ -80,10 +74,28 @@ def checkpoint_files(folder) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json found")
 
 
+def refuse_pickle_only(folder) -> None:
+    """Raise CheckpointError when the only weights in `folder` are pickles (`pytorch_model.bin`...).
+
+    The files are only listed by name, never opened. `minphi3.load` calls this before reading
+    config.json, so a folder holding nothing but a pickle is refused for what it is.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: only pickle weights found ({', '.join(pickles)}); minphi3 never unpickles a "
+            "checkpoint because unpickling can run arbitrary code. Convert it to safetensors on a trusted "
+            "machine (for example `model.save_pretrained(out_dir, safe_serialization=True)` in transformers)"
+        )
+
+
 def _files_from_index(index_path: Path) -> list[Path]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, 5000-digit numbers
         raise CheckpointError(f"{index_path}: not a valid JSON index ({exc})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -149,7 +161,7 @@ def _parse_header_json(path: Path, header_bytes: bytes) -> dict:
         raise CheckpointError(f"{path}: the header is not a JSON object (not a safetensors file?)")
     try:
         header = json.loads(text, object_pairs_hook=no_duplicates)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or a number of 5000 digits
         raise CheckpointError(f"{path}: the header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is not a JSON object")
@@ -165,7 +177,7 @@ def _tensor_infos(path: Path, header: dict, data_start: int, data_size: int) -> 
         if not isinstance(entry, dict):
             raise CheckpointError(f"{path}: tensor {name!r}: expected an object with dtype, shape, data_offsets")
         dtype = entry.get("dtype")
-        if dtype not in STORED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in STORED_DTYPES:  # a list is unhashable: check the type first
             raise CheckpointError(
                 f"{path}: tensor {name!r} has dtype {dtype!r}; supported: {', '.join(STORED_DTYPES)}"
             )
@@ -207,37 +219,42 @@ def _check_tiling(path: Path, infos: dict[str, TensorInfo], data_start: int, dat
 
 
 # ---- the data -----------------------------------------------------------------------------------
-def read_tensor(info: TensorInfo, dtype, handle=None) -> np.ndarray:
+def read_tensor(info: TensorInfo, dtype, handle=None, out=None) -> np.ndarray:
     """One tensor from its file, converted to `dtype` (float32 | float64 | float16), C-contiguous.
 
-    -> [*info.shape]
-    BF16 words are widened exactly: a bfloat16 is the top 16 bits of a float32, so each word is
-    written into the high half of a float32 whose low half is zero. Conversion runs in chunks so
+    -> [*info.shape]: `out` when given (a C-contiguous host array of that shape and dtype, for
+    example a view into the model's one weight buffer), else a new array.
+    BF16 words are widened exactly: a bfloat16 is the top 16 bits of a float32, so a word shifted
+    left by 16 bits is the float32's bit pattern. The file is read in chunks into one reused
+    buffer (`readinto`, no new bytes object per chunk) and each chunk is widened in one pass, so
     the temporary memory is bounded whatever the tensor size.
     """
     dtype = np.dtype(dtype)
-    raw_dtype, itemsize = STORED_DTYPES[info.dtype]
-    out = np.empty(info.numel, dtype=dtype)
+    raw_dtype, _itemsize = STORED_DTYPES[info.dtype]
+    if out is None:
+        out = np.empty(info.shape, dtype=dtype)
+    elif out.shape != info.shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {dtype} array of shape {info.shape}")
+    flat = out.reshape(-1)  # a view: out is contiguous
+    chunk = np.empty(min(READ_CHUNK_ELEMENTS, info.numel), dtype=raw_dtype)
     own_handle = handle is None
     handle = open(info.path, "rb") if own_handle else handle
     try:
         handle.seek(info.begin)
         for start in range(0, info.numel, READ_CHUNK_ELEMENTS):
-            count = min(READ_CHUNK_ELEMENTS, info.numel - start)
-            raw = _read_exact(handle, count * itemsize, info)
-            words = np.frombuffer(raw, dtype=raw_dtype, count=count)
-            _convert_into(out[start : start + count], words, info.dtype)
+            words = chunk[: min(READ_CHUNK_ELEMENTS, info.numel - start)]
+            _read_exact_into(handle, words, info)
+            _convert_into(flat[start : start + words.shape[0]], words, info.dtype)
     finally:
         if own_handle:
             handle.close()
-    return out.reshape(info.shape)
+    return out
 
 
-def _read_exact(handle, size: int, info: TensorInfo) -> bytes:
-    data = handle.read(size)
-    if len(data) != size:
+def _read_exact_into(handle, words: np.ndarray, info: TensorInfo) -> None:
+    """Fill `words` with the next bytes of the file."""
+    if handle.readinto(memoryview(words).cast("B")) != words.nbytes:
         raise CheckpointError(f"{info.path}: tensor {info.name!r} is cut short (file truncated while reading?)")
-    return data
 
 
 def _convert_into(out: np.ndarray, words: np.ndarray, stored: str) -> None:
@@ -246,9 +263,7 @@ def _convert_into(out: np.ndarray, words: np.ndarray, stored: str) -> None:
         out[...] = words
         return
     if out.dtype == np.float32:
-        halves = out.view(np.uint16).reshape(-1, 2)  # little-endian: [low half, high half]
-        halves[:, 0] = 0
-        halves[:, 1] = words
+        np.left_shift(words, 16, out=out.view(np.uint32), dtype=np.uint32)
         return
     widened = np.empty(words.shape, dtype=np.float32)
     _convert_into(widened, words, "BF16")

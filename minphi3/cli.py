@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import MinPhi3Error
+from .errors import GenerationError, MinPhi3Error
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -91,10 +91,23 @@ def _sampling_options(args) -> dict:
     )
 
 
+def _check_generation_flags(args) -> None:
+    """Refuse impossible generation flags before loading anything (a large model loads for a while)."""
+    from .sampling import validate_sampling_parameters  # noqa: PLC0415
+
+    if args.max_new_tokens <= 0:
+        raise GenerationError(f"max_new_tokens must be a positive integer, found {args.max_new_tokens}")
+    options = _sampling_options(args)
+    validate_sampling_parameters(
+        options["temperature"], options["top_k"], options["top_p"], options["min_p"], options["repetition_penalty"]
+    )
+
+
 def _load_model_and_tokenizer(args):
     from .loading import load, resolve_model_path  # noqa: PLC0415
     from .tokenizer import load_tokenizer  # noqa: PLC0415
 
+    _check_generation_flags(args)
     path = args.model
     if path is None:
         from .demo import DEMO_MODEL_NOTE, demo_model_path  # noqa: PLC0415
@@ -120,7 +133,7 @@ def run_generate(args) -> int:
     else:
         ids = tokenizer.encode(args.prompt)
     if not ids:
-        raise UsageError("the prompt is empty after tokenization")
+        raise GenerationError("the prompt is empty after tokenization: give at least one token of text")
     stop_ids = tokenizer.stop_token_ids(model.generation_config)
     streamer = TextStreamer(tokenizer, stop_ids=stop_ids)
     if not args.chat_template:

@@ -200,7 +200,7 @@ def load_config(path) -> ModelConfig:
         raise ConfigError(f"{config_path}: the file is empty; expected a JSON object")
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or a number of 5000 digits
         raise ConfigError(f"{config_path}: not valid JSON ({exc})") from None
     return config_from_dict(data, source=str(config_path))
 

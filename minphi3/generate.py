@@ -23,6 +23,7 @@ import numpy as np
 from .backend import to_device, to_numpy
 from .cache import KVCache
 from .errors import GenerationError
+from .loading import check_cache_memory
 from .model import check_token_ids
 from .rope import use_long_factors
 from .sampling import make_rng, process_scores, select_next_tokens, validate_sampling_parameters
@@ -121,6 +122,7 @@ def generate(
     stats.prompt_tokens = int(mask.sum())
 
     if cache is None:
+        check_cache_memory(model.config, batch, prompt_length + max_new_tokens, model.dtype, model.xp)
         cache = model.new_cache(batch, prompt_length + max_new_tokens)
     elif cache.batch_size != batch or cache.length > prompt_length:
         raise GenerationError("the cache given to generate must hold a prefix of input_ids for the same batch size")

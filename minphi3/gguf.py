@@ -711,6 +711,8 @@ def _byte_level_backend(metadata: dict, path):
     """Byte-level BPE (`tokenizer.ggml.model = gpt2`): GPT-2, SmolLM, Llama 3, Qwen, phi-4..."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
 
+    from .tokenizer import check_bpe_merges  # noqa: PLC0415 - tokenizer.py imports this module lazily too
+
     tokens = metadata["tokenizer.ggml.tokens"]
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
@@ -721,6 +723,7 @@ def _byte_level_backend(metadata: dict, path):
     merges = _file_merges(metadata)
     if merges is None:
         raise TokenizerError(f"{path}: a byte-level BPE tokenizer needs 'tokenizer.ggml.merges', which the file lacks")
+    check_bpe_merges({"type": "BPE", "vocab": vocab, "merges": merges}, path)  # before the Rust builder can panic
     backend = Tokenizer(
         models.BPE(
             vocab=vocab,
@@ -749,6 +752,8 @@ def _sentencepiece_backend(metadata: dict, path, arch: str):
     """SentencePiece-style BPE with byte fallback (`tokenizer.ggml.model = llama`): Llama 2, Phi-3..."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers  # noqa: PLC0415
 
+    from .tokenizer import check_bpe_merges  # noqa: PLC0415 - tokenizer.py imports this module lazily too
+
     tokens = metadata["tokenizer.ggml.tokens"]
     vocab = {token: index for index, token in enumerate(tokens)}
     merges = _file_merges(metadata)
@@ -760,6 +765,7 @@ def _sentencepiece_backend(metadata: dict, path, arch: str):
             )
         merges = generate_merges(vocab, dict(zip(tokens, scores, strict=True)))
     # No unk_token in the model (as transformers builds it): every byte has a <0xXX> token to fall back on.
+    check_bpe_merges({"type": "BPE", "vocab": vocab, "merges": merges}, path)  # before the Rust builder can panic
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
     # llama.cpp prefixes a space unless the file says not to (tokenizer.ggml.add_space_prefix).
     prefix_space = metadata.get("tokenizer.ggml.add_space_prefix", True) is not False

@@ -11,12 +11,19 @@ Parameters are a plain dict keyed by the checkpoint's own tensor names
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .attention import attention_mask, grouped_query_attention, merge_heads, split_heads, split_qkv
+from .attention import (
+    attention_in_query_blocks,
+    attention_mask,
+    grouped_query_attention,
+    merge_heads,
+    split_heads,
+    split_qkv,
+)
 from .backend import array_module, backend_name, compute_dtype, to_device, to_numpy
 from .cache import KVCache
 from .errors import GenerationError
@@ -88,12 +95,16 @@ def layer_parameters(params: dict, index: int) -> dict:
 
 
 # ---- the steps ----------------------------------------------------------------------------------
+_NOT_BUILT = object()
+
+
 @dataclass
 class StepContext:
     """What every layer of one forward call shares: rope tables, mask inputs and the cache.
 
-    cos, sin: [batch, seq, rotary_dim]; query_index: [seq]; key_index: [kv_seq] (without cache);
-    key_padding: [batch, kv_seq] bool or None; slots: cache slots of the new tokens (with cache).
+    cos, sin: [batch, seq, rotary_dim]; query_index: [seq]; key_index: [kv_seq] (with a cache: the
+    slots in use, `cache.slot_index[:used]`); key_padding: [batch, kv_seq] bool or None; slots:
+    cache slots of the new tokens (with cache).
     """
 
     cos: Any
@@ -104,6 +115,19 @@ class StepContext:
     cache: KVCache | None
     slots: Any
     output_attentions: bool
+    _mask: Any = field(default=_NOT_BUILT, repr=False)
+
+    def mask(self, sliding_window: int | None):
+        """The step's attention mask, bool [batch or 1, 1, seq, kv_seq], or None when every query
+        may see every key (a decode step without padding), so attention skips the masking.
+
+        Built on first use and shared by every layer: it depends only on indices and padding,
+        which are the same in all layers, so it is not rebuilt once per layer.
+        """
+        if self._mask is _NOT_BUILT:
+            mask = attention_mask(self.query_index, self.key_index, self.key_padding, sliding_window)
+            self._mask = None if bool(mask.all()) else mask
+        return self._mask
 
 
 def self_attention(q, k, v, weights_out, bias_out, config, layer: int, step: StepContext):
@@ -114,11 +138,13 @@ def self_attention(q, k, v, weights_out, bias_out, config, layer: int, step: Ste
     """
     q = apply_rope(q, step.cos, step.sin, config.rotary_dim)
     k = apply_rope(k, step.cos, step.sin, config.rotary_dim)
-    key_index, key_padding = step.key_index, step.key_padding
     if step.cache is not None:
-        k, v, key_index, key_padding = step.cache.write(layer, step.slots, k, v)
-    mask = attention_mask(step.query_index, key_index, key_padding, config.sliding_window)
-    out, weights = grouped_query_attention(q, k, v, mask, config.head_dim**-0.5, step.output_attentions)
+        k, v, _key_index, _key_padding = step.cache.write(layer, step.slots, k, v)
+    mask, scale = step.mask(config.sliding_window), config.head_dim**-0.5
+    if step.output_attentions:
+        out, weights = grouped_query_attention(q, k, v, mask, scale, return_weights=True)
+    else:
+        out, weights = attention_in_query_blocks(q, k, v, mask, scale), None
     return linear(merge_heads(out), weights_out, bias_out), weights
 
 
@@ -366,7 +392,9 @@ class Model:
         new_padding = None if padding is None else to_device(padding[:, -seq:], xp)
         if cache is not None:
             slots, query_index = cache.begin_step(seq, new_padding)
-            return StepContext(cos, sin, query_index, None, None, cache, slots, output_attentions)
+            used = cache.used_slots(seq)
+            key_index, key_padding = cache.slot_index[:used], cache.key_padding[:, :used]
+            return StepContext(cos, sin, query_index, key_index, key_padding, cache, slots, output_attentions)
         index = xp.arange(seq, dtype=np.int64)
         return StepContext(cos, sin, index, index, new_padding, None, None, output_attentions)
 

@@ -30,10 +30,13 @@ def rms_norm(x, weight, eps):
     x: [..., hidden], weight: [hidden] -> [..., hidden]
     y = (x / sqrt(mean(x**2) + eps)) * weight; statistics in at least float32, the result cast
     back to x's dtype *before* the gain is applied, in transformers' order.
+    The mean is written as sum / hidden (the same float32 result as `xp.mean`): `mean` goes
+    through a Python wrapper that costs more than the sum itself on one decoding token's vector.
     """
     xp = array_module(x)
     wide = x.astype(compute_dtype(x.dtype), copy=False)
-    inverse_rms = 1.0 / xp.sqrt(xp.mean(wide * wide, axis=-1, keepdims=True) + eps)
+    mean_square = (wide * wide).sum(axis=-1, keepdims=True) / x.shape[-1]
+    inverse_rms = 1.0 / xp.sqrt(mean_square + eps)
     return weight * (wide * inverse_rms).astype(x.dtype, copy=False)
 
 
@@ -73,12 +76,15 @@ def softmax(scores, axis=-1):
     scores: any shape. p_i = exp(s_i - max s) / sum_j exp(s_j - max s).
     Rows of equal entries (for example every key masked with the same large negative value)
     give a uniform distribution, never NaN.
+    The exponentials are taken and normalized in place in one new array: attention's scores
+    are the largest arrays of a prefill, and each extra temporary is one more pass over memory.
     """
     xp = array_module(scores)
     wide = scores.astype(compute_dtype(scores.dtype), copy=False)
-    shifted = wide - xp.max(wide, axis=axis, keepdims=True)
-    exp = xp.exp(shifted)
-    return exp / xp.sum(exp, axis=axis, keepdims=True)
+    exp = wide - wide.max(axis=axis, keepdims=True)
+    xp.exp(exp, out=exp)
+    exp /= exp.sum(axis=axis, keepdims=True)
+    return exp
 
 
 def log_softmax(scores, axis=-1):

@@ -1,7 +1,7 @@
 """Choosing the next token: logits processors, greedy selection and seeded sampling.
 
 This module turns the last position's logits into the next token id the way transformers 5.23's
-`generate` does (`../shared/reference/phi-spec.md` section 6.2), in four steps:
+`generate` does (`transformers/generation/utils.py`, `_get_logits_processor`), in four steps:
 
 1. `process_scores` casts `scores: [batch, vocab]` to float32 and runs the enabled processors in
    transformers' order: (minphi3's own mask of ids the tokenizer cannot produce), repetition
@@ -313,7 +313,7 @@ def process_scores(
     context_ids: [batch, ctx] (prompt + generated so far; only read for the repetition penalty),
     context_mask: [batch, m] or None (see `apply_repetition_penalty` for the left-padding rule).
 
-    Order (transformers 5.23 `_get_logits_processor`, phi-spec 6.2), each step only when enabled:
+    Order (transformers 5.23 `_get_logits_processor`), each step only when enabled:
       0. mask_unproducible_ids          if producible_vocab_size is given (minphi3 only)
       1. apply_repetition_penalty       if repetition_penalty not in (None, 1.0); greedy too
       -- only when sampling (do_sample and temperature != 0, see `sampling_enabled`): --

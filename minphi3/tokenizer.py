@@ -15,11 +15,11 @@ What this module does, and why each part exists:
   rebuilds instead of reading the file (see `_rebuild_like_transformers`).
 - `Tokenizer.apply_chat_template` renders the checkpoint's own Jinja template in the same sandbox,
   with the same options and globals as transformers, so the prompt string and its ids are equal.
-- `Tokenizer.stop_token_ids` is the union of every end-of-turn id (pitfalls.md item 19): a model that
+- `Tokenizer.stop_token_ids` is the union of every end-of-turn id: a model that
   ends its turn with `<|end|>` must stop there even when the config names only `<|endoftext|>`.
 - `IncrementalDetokenizer` turns ids into text one token at a time for streaming without splitting
   a UTF-8 character (byte-fallback tokens such as `<0xE2>`) and without losing the leading space of
-  SentencePiece-style tokens (pitfalls.md item 22).
+  SentencePiece-style tokens.
 
 What it does not do: slow (Python) tokenizers, `tokenizer.model` SentencePiece files without a
 `tokenizer.json`, batched chat rendering, `continue_final_message`, and tools given as Python
@@ -51,7 +51,7 @@ from .errors import TokenizerError
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 # Tokens that end a turn in the chat formats minphi3 knows, looked up by string (never by id:
-# Phi-3, Phi-4-mini and ChatML models put them at different ids, pitfalls.md item 23).
+# Phi-3, Phi-4-mini and ChatML models put them at different ids).
 END_OF_TURN_TOKENS = ("<|end|>", "<|endoftext|>", "<|im_end|>")
 
 # The fields of a serialized `AddedToken` that its constructor accepts.
@@ -100,6 +100,8 @@ def _read_json_text(path: Path, required: bool):
         return text, json.loads(text)
     except json.JSONDecodeError as exc:
         raise TokenizerError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # nested too deep, or a number of 5000 digits
+        raise TokenizerError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _read_json_object(path: Path, required: bool = False) -> dict | None:
@@ -189,7 +191,9 @@ def _from_folder(folder, cls) -> Tokenizer:
 
     class_name = transformers_tokenizer_class(config, model_config, spec_text)
     if class_name in _REBUILT_CLASSES and isinstance(spec.get("model"), dict) and spec["model"].get("type") == "BPE":
-        spec_text = json.dumps(_rebuild_like_transformers(spec, class_name, config))
+        spec = _rebuild_like_transformers(spec, class_name, config)
+        spec_text = json.dumps(spec)
+    check_bpe_merges(spec.get("model"), tokenizer_file)
     backend = _guarded(str(tokenizer_file), "loading tokenizer.json", tokenizers.Tokenizer.from_str, spec_text)
     return cls(
         backend,
@@ -198,6 +202,39 @@ def _from_folder(folder, cls) -> Tokenizer:
         generation_config=generation_config,
         model_eos_token_id=model_config.get("eos_token_id"),
     )
+
+
+def check_bpe_merges(model, source) -> None:
+    """Refuse a BPE merge rule the tokenizers library would panic on, before handing it the file.
+
+    model: the "model" object of tokenizer.json (or the same fields rebuilt from GGUF). Each merge (a, b) must name two vocabulary tokens
+    whose concatenation a + b (b without `continuing_subword_prefix`) is a vocabulary token too.
+    The library checks the same, but only after copying the concatenation into a buffer sized for
+    the longest vocabulary token: a crafted merge such as ("hi", "hi") over the vocabulary
+    {h, i, hi} overruns it and the Rust code panics (tokenizers#2094), printing a backtrace on
+    stderr, instead of returning an error. Malformed entries are left to the library to report.
+    """
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        return
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not isinstance(merges, list):
+        return
+    prefix = model.get("continuing_subword_prefix") or ""
+    for number, merge in enumerate(merges):
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(part, str) for part in pair):
+            continue
+        left, right = pair
+        for part in pair:
+            if part not in vocab:
+                raise TokenizerError(f"{source}: merge {number} ({left!r}, {right!r}) names {part!r}, which is not in the vocabulary")
+        if prefix and not right.startswith(prefix):
+            raise TokenizerError(
+                f"{source}: merge {number} ({left!r}, {right!r}): {right!r} lacks the continuing_subword_prefix {prefix!r}"
+            )
+        merged = left + right[len(prefix):]
+        if merged not in vocab:
+            raise TokenizerError(f"{source}: merge {number} ({left!r}, {right!r}) makes {merged!r}, which is not in the vocabulary")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,7 +527,7 @@ class Tokenizer:
         return frozenset(i for i in ids if i is not None)
 
     def stop_token_ids(self, generation_config: dict | None = None) -> list[int]:
-        """Every id that ends a turn, in a fixed order without repeats (pitfalls.md item 19).
+        """Every id that ends a turn, in a fixed order without repeats.
 
         The tokenizer's eos, config.json's eos_token_id, generation_config's eos_token_id (an int or
         a list; the folder's generation_config.json when none is given), then `<|end|>`,
