@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
+BASE_STAMP := $(VENV)/.installed-base
 
 .PHONY: install test lint demo bench bench-gpu lessons clean
 
@@ -14,6 +15,11 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The demo needs only the runtime dependencies (no torch, no transformers).
+$(BASE_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $(BASE_STAMP)
+
 install: $(STAMP)
 
 test: $(STAMP)
@@ -22,7 +28,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check minphi3 tests benchmarks
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(PY) -m minphi3 chat --prompt "What is the capital of France? Answer in one sentence."
 
 bench: $(STAMP)
