@@ -56,6 +56,7 @@ class KVCache:
             capacity = min(capacity, window)
         self.length = 0
         self.long_rope = False  # whether the cached keys were rotated with LongRoPE's long factors
+        self._run = None  # (start, stop) of this step's slots when they do not wrap around
         self._allocate(max(int(capacity), 1))
 
     # ---- storage ----------------------------------------------------------------------------
@@ -136,6 +137,9 @@ class KVCache:
             self._resize(grown)
         query_index = self.length + xp.arange(num_new, dtype=np.int64)
         slots = query_index % self.capacity
+        # Decided here, with host integers: `write` then needs no value from the device.
+        first = self.length % self.capacity
+        self._run = (first, first + num_new) if first + num_new <= self.capacity else None
         self.slot_index[slots] = query_index
         self.key_padding[:, slots] = True if new_padding is None else new_padding
         return slots, query_index
@@ -151,10 +155,10 @@ class KVCache:
             # transposed copy below reads within a head instead of striding across all of them.
             keys = self.xp.ascontiguousarray(keys)
         keys_t = keys.transpose(0, 1, 3, 2)  # [batch, kv_heads, head_dim, num_new], as stored
-        if slots.shape[0] == 1 or _is_contiguous_run(slots):
-            start = int(slots[0])
-            cache.keys[..., start : start + slots.shape[0]] = keys_t
-            cache.values[:, :, start : start + slots.shape[0]] = values
+        if self._run is not None:  # no wrap-around: a plain slice
+            start, stop = self._run
+            cache.keys[..., start:stop] = keys_t
+            cache.values[:, :, start:stop] = values
         else:
             cache.keys[..., slots] = keys_t
             cache.values[:, :, slots] = values
@@ -171,12 +175,6 @@ class KVCache:
         self.length += num_new
         if self.sliding_window is not None and self.capacity > self.sliding_window:
             self._resize(self.sliding_window)
-
-
-def _is_contiguous_run(slots) -> bool:
-    """True when the slots are consecutive (no wrap-around), so a plain slice can be written."""
-    first, last = int(slots[0]), int(slots[-1])
-    return last - first == slots.shape[0] - 1
 
 
 def cache_nbytes(config, batch_size: int, capacity: int, dtype=np.float32) -> int:

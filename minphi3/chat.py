@@ -19,7 +19,7 @@ from .loading import check_cache_memory
 def common_prefix_length(a, b) -> int:
     """How many leading ids two sequences share."""
     length = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         length += 1

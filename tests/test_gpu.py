@@ -39,7 +39,7 @@ def test_cupy_logits_equal_numpy_float32(tmp_path, name):
     gpu = minphi3.load(folder, backend="cupy")(ids, attention_mask=mask, output_hidden_states=True)
     assert max_relative(minphi3.to_numpy(gpu.logits)[0], cpu.logits[0]) <= 1e-4
     assert max_relative(minphi3.to_numpy(gpu.logits)[1, 5:], cpu.logits[1, 5:]) <= 1e-4
-    for ours, theirs in zip(gpu.hidden_states, cpu.hidden_states):
+    for ours, theirs in zip(gpu.hidden_states, cpu.hidden_states, strict=True):
         assert max_relative(minphi3.to_numpy(ours)[0], theirs[0]) <= 1e-4
 
 

@@ -1,0 +1,246 @@
+"""One benchmark measurement in its own process: load a checkpoint, then generate, timed.
+
+    python benchmarks/worker.py --framework minphi3|transformers --model FOLDER [options]
+
+Prints one JSON line: load seconds, prefill and decode seconds of each repetition, the ids
+generated, and the process's peak resident memory (VmHWM) after loading and at the end. The
+minphi3 worker never imports torch, so its memory is NumPy's alone.
+
+Timing is the same for both frameworks: a callback that sees every new token (minphi3's
+streamer, a transformers StoppingCriteria) records the time. Prefill = from the call to the first
+token (the prompt's forward pass and the first pick); decode = from the first token to the last,
+over new_tokens - 1 tokens. Generation is greedy and never stops early (no end-of-sequence id).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def prompt_ids(vocab_size: int, length: int, seed: int = 0) -> np.ndarray:
+    """The benchmark prompt: `length` ids drawn with a fixed seed (ids below 3 are left out). -> [1, length]"""
+    return np.random.default_rng(seed).integers(3, min(vocab_size, 32000), size=(1, length), dtype=np.int64)
+
+
+class Clock:
+    """Records the time each time a new token arrives."""
+
+    def __init__(self, synchronize=None):
+        self.times: list[float] = []
+        self.synchronize = synchronize
+
+    def __call__(self, *_args, **_kwargs):
+        if self.synchronize is not None:
+            self.synchronize()
+        self.times.append(time.perf_counter())
+
+
+# ---- minphi3 -----------------------------------------------------------------------------------
+def run_minphi3(args) -> dict:
+    import minphi3  # noqa: PLC0415
+
+    start = time.perf_counter()
+    model = minphi3.load(args.model, backend=args.backend, dtype=args.dtype)
+    load_seconds = time.perf_counter() - start
+    load_peak = peak_rss_bytes()
+    ids = prompt_ids(model.config.vocab_size, args.prompt_tokens)
+
+    def generate(prompt, new_tokens):
+        clock = Clock()
+        start = time.perf_counter()
+        out = minphi3.generate(model, prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
+        return start, clock.times, out[0, prompt.shape[1]:]
+
+    report = {"load_seconds": load_seconds, "load_peak_rss": load_peak}
+    report.update(_timed_runs(generate, ids, args))
+    if args.profile:
+        _profile(lambda: generate(ids, args.new_tokens), args.profile)
+    if args.backend == "cupy":
+        import cupy  # noqa: PLC0415
+
+        # CuPy's pool keeps what it once allocated, so what it holds at the end is the peak.
+        report["device_peak_bytes"] = int(cupy.get_default_memory_pool().total_bytes())
+    if "torch" in sys.modules:
+        report["warning"] = "torch was imported by the minphi3 worker: its memory figure includes torch"
+    return report
+
+
+# ---- transformers ------------------------------------------------------------------------------
+def run_transformers(args) -> dict:
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    torch.set_num_threads(args.threads)
+    device = "cuda" if args.backend == "cupy" else "cpu"
+    dtype = getattr(torch, args.dtype)
+    synchronize = torch.cuda.synchronize if device == "cuda" else None
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=dtype, attn_implementation="eager", device_map=device
+    ).eval()
+    if synchronize:
+        synchronize()
+    load_seconds = time.perf_counter() - start
+    load_peak = peak_rss_bytes()
+    model.generation_config.eos_token_id = None  # never stop early: always new_tokens tokens
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids = prompt_ids(model.config.vocab_size, args.prompt_tokens)
+
+    class ClockCriterion(transformers.StoppingCriteria):
+        def __init__(self):
+            self.clock = Clock(synchronize)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.clock()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def generate(prompt, new_tokens):
+        criterion = ClockCriterion()
+        tensor = torch.as_tensor(prompt, device=device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                tensor,
+                attention_mask=torch.ones_like(tensor),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                stopping_criteria=transformers.StoppingCriteriaList([criterion]),
+            )
+        return start, criterion.clock.times, out[0, prompt.shape[1]:].cpu().numpy()
+
+    report = {"load_seconds": load_seconds, "load_peak_rss": load_peak, "torch_threads": torch.get_num_threads()}
+    report.update(_timed_runs(generate, ids, args))
+    if device == "cuda":
+        report["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return report
+
+
+# ---- the machine's limits, and a sliding-window model's memory ----------------------------------
+def run_limits(args) -> dict:
+    """float32 matrix-vector bandwidth and matrix-matrix throughput, measured with NumPy here."""
+    from common import matmul_throughput, matvec_bandwidth  # noqa: PLC0415
+
+    return {"bandwidth_gbs": matvec_bandwidth(), "matmul_gflops": matmul_throughput()}
+
+
+def run_window_check(args) -> dict:
+    """Generate far past a small sliding window; record cache.nbytes and resident memory.
+
+    A random Phi-3 model with a window of 128 keys generates 4096 tokens from a 16-token prompt;
+    the cache (a rolling buffer of W slots) and the process's memory must stay flat after W.
+    """
+    import minphi3  # noqa: PLC0415
+    from minphi3.config import config_from_dict  # noqa: PLC0415
+    from minphi3.loading import model_from_parameters  # noqa: PLC0415
+    from minphi3.model import parameter_shapes  # noqa: PLC0415
+
+    window, new_tokens = 128, 4096
+    config = config_from_dict({
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 512, "hidden_size": 256,
+        "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "max_position_embeddings": 8192, "original_max_position_embeddings": 8192, "sliding_window": window,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    })  # fmt: skip
+    rng = np.random.default_rng(0)
+    params = {name: rng.standard_normal(shape, dtype=np.float32) * 0.2 for name, shape in parameter_shapes(config).items()}
+    model = model_from_parameters(config, params)
+    ids = prompt_ids(config.vocab_size, 16)
+    cache = model.new_cache(1, window)
+    samples = []
+
+    def record(_ids):
+        samples.append((cache.length, cache.nbytes, current_rss_bytes()))
+
+    minphi3.generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[], streamer=record, cache=cache)
+    after_window = [s for s in samples if s[0] >= 2 * window]
+    return {
+        "window": window,
+        "generated": new_tokens,
+        "cache_nbytes_at_window": next(s[1] for s in samples if s[0] >= window),
+        "cache_nbytes_max_after": max(s[1] for s in after_window),
+        "cache_nbytes_min_after": min(s[1] for s in after_window),
+        "rss_at_2w": after_window[0][2],
+        "rss_max_after": max(s[2] for s in after_window),
+        "rss_end": samples[-1][2],
+    }
+
+
+def current_rss_bytes() -> int:
+    """The process's resident memory now (VmRSS), in bytes."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# ---- shared ------------------------------------------------------------------------------------
+def _timed_runs(generate, ids: np.ndarray, args) -> dict:
+    """A short warm-up, then `repeats` timed generations. -> prefill/decode seconds and the ids."""
+    generate(ids[:, :8], 2)  # warm-up: thread pools, first-call code paths
+    prefill, decode, tokens = [], [], None
+    for _ in range(args.repeats):
+        start, times, new_ids = generate(ids, args.new_tokens)
+        if len(times) != args.new_tokens:
+            raise RuntimeError(f"expected {args.new_tokens} new tokens, timed {len(times)}")
+        prefill.append(times[0] - start)
+        decode.append(times[-1] - times[0])
+        tokens = [int(t) for t in new_ids]
+    return {
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": args.new_tokens,
+        "prefill_seconds": prefill,
+        "decode_seconds": decode,  # for new_tokens - 1 tokens each
+        "tokens": tokens,
+    }
+
+
+def _profile(function, path: str) -> None:
+    import cProfile  # noqa: PLC0415
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    function()
+    profiler.disable()
+    profiler.dump_stats(path)
+
+
+RUNS = {"minphi3": run_minphi3, "transformers": run_transformers, "limits": run_limits, "window": run_window_check}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--framework", choices=tuple(RUNS), required=True,
+                        help="limits: the machine's bandwidth and GFLOP/s; window: sliding-window memory check")
+    parser.add_argument("--model", help="checkpoint folder")
+    parser.add_argument("--backend", default="numpy", choices=("numpy", "cupy"), help="cupy: GPU (transformers on cuda)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="timed generations in this process")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", help="minphi3: write a cProfile of one more generation here")
+    args = parser.parse_args(argv)
+    report = RUNS[args.framework](args)
+    report.update(framework=args.framework, model=args.model, dtype=args.dtype, backend=args.backend,
+                  threads=args.threads, peak_rss=peak_rss_bytes())
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
