@@ -77,7 +77,10 @@ def convert_gguf(in_path, out_dir, progress: bool = False, overwrite: bool = Fal
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir}: the output path exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir}: the output folder is not empty (choose a new folder, or overwrite)")
+        raise CheckpointError(
+            f"{out_dir}: the output folder is not empty (choose a new folder, or pass --force "
+            "(overwrite=True) to replace its checkpoint files)"
+        )
 
     config, tensors = read_gguf_checkpoint(in_path, dtype="float32", progress=progress)
     backend, tok_config = gguf_tokenizer_parts(in_path)

@@ -6,8 +6,9 @@
 - scores are the last position's logits in float32, processed in transformers' order
   (`sampling.process_scores`), then argmax or a seeded draw;
 - a row stops at any id of the eos list (generation_config.json's list when present: Phi-3
-  instruct stops on 32000, 32001 and 32007); finished rows receive the pad id until every row is
-  done or max_new_tokens is reached;
+  instruct stops on 32000, 32001 and 32007); finished rows receive the pad id (the first eos id
+  when the generation config names no pad) until every row is done or max_new_tokens is reached;
+- without attention_mask, the mask is input_ids != pad when that is possible (`infer_attention_mask`);
 - LongRoPE: the first time the sequence crosses original_max_position_embeddings, every cached key
   was rotated with the short factors, so the cache is dropped and the whole sequence fed again
   with the long factors (transformers' `prepare_inputs_for_generation` rule).
@@ -41,17 +42,27 @@ class GenerationStats:
 
     @property
     def tokens_per_second(self) -> float:
-        """New tokens per second of decoding (the prefill's first token excluded)."""
-        decoded = max(self.new_tokens - 1, 0)
-        return decoded / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+        """New tokens per second of decoding (the prefill's first token excluded).
+
+        With a single new token there is no decoding step; the figure is then that token's rate,
+        1 / prefill_seconds, so it is always a finite number (0.0 before any step ran).
+        """
+        decoded = self.new_tokens - 1
+        if decoded > 0 and self.decode_seconds > 0:
+            return decoded / self.decode_seconds
+        return self.new_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
 
 def resolve_eos_ids(model, eos_token_id=None) -> list[int]:
-    """The ids that end a row: the argument, else generation_config.json's list, else config.json's."""
+    """The ids that end a row: the argument, else the model's generation config's, else none.
+
+    `model.generation_config` is generation_config.json alone when the checkpoint has one, so
+    config.json's eos does not count then, as in transformers (`minphi3.loading.generation_settings`).
+    """
     if eos_token_id is None:
         eos_token_id = model.generation_config.get("eos_token_id")
     if eos_token_id is None:
-        eos_token_id = list(model.config.eos_token_ids)
+        return []
     ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
     for value in ids:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < model.config.vocab_size:
@@ -102,7 +113,9 @@ def generate(
     """Continue each row of `input_ids`; -> host int64 [batch, prompt + new] like transformers.
 
     input_ids: [batch, seq] (nested lists accepted), left-padded when rows differ in length, with
-    attention_mask [batch, seq] (1 real, 0 pad). temperature == 0 means greedy. seed makes
+    attention_mask [batch, seq] (1 real, 0 pad; when omitted, inferred by transformers' rule,
+    `infer_attention_mask`). eos_token_id / pad_token_id: default to the model's generation
+    config (`resolve_eos_ids`, `resolve_pad_id`). temperature == 0 means greedy. seed makes
     sampling repeat exactly. streamer: a `TextStreamer`, or any callable given the [batch] array
     of new ids at each step. cache: an existing KVCache holding the first `cache.length` tokens of
     input_ids (a chat's earlier turns): only the rest is fed; the cache is left holding every
@@ -114,9 +127,9 @@ def generate(
     validate_sampling_parameters(temperature, top_k, top_p, min_p, repetition_penalty)
     if do_sample and temperature == 0:
         do_sample = False  # temperature 0 is the limit of sharpening: greedy
-    mask = _attention_mask(attention_mask, ids)
     eos_ids = resolve_eos_ids(model, eos_token_id)
-    pad_id = _pad_id(model, pad_token_id, eos_ids)
+    pad_id = resolve_pad_id(model, pad_token_id, eos_ids)
+    mask = _attention_mask(attention_mask, ids, pad_id, eos_ids)
     rng = make_rng(seed)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = int(mask.sum())
@@ -160,7 +173,8 @@ def generate(
             producible_vocab_size=model.tokenizer_size,
         )
         next_ids = to_numpy(select_next_tokens(scores, do_sample, rng)).astype(np.int64)
-        next_ids = np.where(unfinished, next_ids, pad_id)
+        if not unfinished.all():  # a row finished at an eos id, so pad_id is set
+            next_ids = np.where(unfinished, next_ids, pad_id)
         sequences[:, length] = next_ids
         positions[:, length] = positions[:, length - 1] + 1
         length += 1
@@ -187,10 +201,45 @@ def _first_uncached(model, cache: KVCache, positions: np.ndarray, length: int) -
     return cache.length
 
 
-def _attention_mask(attention_mask, ids: np.ndarray) -> np.ndarray:
-    if attention_mask is None:
-        # As in transformers for Phi-3 (pad == eos): no mask means every token is real.
+def resolve_pad_id(model, pad_token_id, eos_ids: list[int]) -> int | None:
+    """The id finished rows receive: the argument, else the generation config's pad_token_id,
+    else the first eos id, else None (with no eos id no row ever finishes).
+
+    transformers' `_prepare_special_tokens`: config.json's pad does not count when
+    generation_config.json exists and names none.
+    """
+    if pad_token_id is None:
+        pad_token_id = model.generation_config.get("pad_token_id")
+    if pad_token_id is None:
+        return eos_ids[0] if eos_ids else None
+    vocab = model.config.vocab_size
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) or not 0 <= pad_token_id < vocab:
+        raise GenerationError(f"pad_token_id {pad_token_id!r} is not a token id below vocab_size {vocab}")
+    return int(pad_token_id)
+
+
+def infer_attention_mask(ids: np.ndarray, pad_id: int | None, eos_ids: list[int]) -> np.ndarray:
+    """The mask of a prompt given without one, by transformers' rule
+    (`_prepare_attention_mask_for_generation`): input_ids != pad when a pad id is set, occurs in
+    input_ids and is not an eos id; otherwise every token is real. Phi-3's pad is an eos id, so
+    there a left-padded batch needs its attention_mask.
+
+    ids: [batch, seq] -> [batch, seq] int64 of 0 (pad) / 1 (real)
+    """
+    if pad_id is None or pad_id in eos_ids or not (ids == pad_id).any():
         return np.ones_like(ids)
+    mask = (ids != pad_id).astype(np.int64)
+    if (mask.sum(axis=1) == 0).any():
+        raise GenerationError(
+            f"a row of input_ids is all pad_token_id {pad_id}, so the attention_mask inferred from it "
+            "is all padding: pass attention_mask, or give every prompt at least one real token"
+        )
+    return mask
+
+
+def _attention_mask(attention_mask, ids: np.ndarray, pad_id: int | None, eos_ids: list[int]) -> np.ndarray:
+    if attention_mask is None:
+        return infer_attention_mask(ids, pad_id, eos_ids)
     mask = np.asarray(to_numpy(attention_mask))
     if mask.shape != ids.shape:
         raise GenerationError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}")
@@ -199,16 +248,6 @@ def _attention_mask(attention_mask, ids: np.ndarray) -> np.ndarray:
     if (mask.sum(axis=1) == 0).any():
         raise GenerationError("a row of attention_mask is all padding: every prompt needs at least one real token")
     return mask.astype(np.int64)
-
-
-def _pad_id(model, pad_token_id, eos_ids: list[int]) -> int:
-    if pad_token_id is not None:
-        return int(pad_token_id)
-    if model.config.pad_token_id is not None:
-        return model.config.pad_token_id
-    if eos_ids:
-        return eos_ids[0]
-    return 0
 
 
 def _stream(streamer, next_ids: np.ndarray) -> None:

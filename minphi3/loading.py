@@ -63,7 +63,7 @@ def load(path, backend: str = "numpy", dtype: str = "float32", progress: bool = 
     params = read_parameters(infos, expected, dtype, xp, progress, path.name)
     model = Model(config, params, xp=xp, dtype=dtype)
     model.source = path
-    model.generation_config = read_generation_config(path)
+    model.generation_config = generation_settings(read_generation_config(path), config)
     model.tokenizer_size = tokenizer_size(path / "tokenizer.json")
     return model
 
@@ -109,12 +109,12 @@ def read_parameters(infos: dict, shapes: dict, dtype, xp, progress: bool = False
     return params
 
 
-def read_generation_config(folder: Path) -> dict:
-    """generation_config.json as a dict ({} when absent). Its eos_token_id list is what stops
-    Phi-3 instruct models (32000, 32001, 32007), not config.json's single id."""
+def read_generation_config(folder: Path) -> dict | None:
+    """generation_config.json as a dict, or None when the folder has none (an empty file is `{}`,
+    which is not the same thing: see `generation_settings`)."""
     path = folder / "generation_config.json"
     if not path.is_file():
-        return {}
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, 5000-digit numbers
@@ -122,6 +122,31 @@ def read_generation_config(folder: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data
+
+
+def generation_settings(file_content: dict | None, config: ModelConfig) -> dict:
+    """The generation config transformers 5.23 builds for a checkpoint, as `model.generation_config`.
+
+    generation_config.json present: its content alone. config.json's pad and eos do not fill
+    its gaps (no pad_token_id: generate pads with the first eos; no eos_token_id: nothing stops a
+    row). Absent: the special ids of config.json (`generation_config_from_model_config`).
+    transformers: `GenerationMixin.adjust_generation_fn`, then `_prepare_special_tokens`.
+    """
+    if file_content is not None:
+        return file_content
+    return generation_config_from_model_config(config)
+
+
+def generation_config_from_model_config(config: ModelConfig) -> dict:
+    """config.json's bos, eos and pad ids (those set), marked as transformers marks a generation
+    config made from the model config (`GenerationConfig.from_model_config`)."""
+    eos = config.eos_token_id
+    ids = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+        "pad_token_id": config.pad_token_id,
+    }
+    return {"_from_model_config": True, **{key: value for key, value in ids.items() if value is not None}}
 
 
 def tokenizer_size(path: Path) -> int | None:
@@ -172,20 +197,39 @@ def resolve_model_path(path) -> Path:
 
 
 def _load_gguf(path: Path, xp, dtype, progress: bool) -> Model:
-    from .gguf import gguf_generation_config, read_gguf_checkpoint, read_gguf_config  # noqa: PLC0415
+    from .gguf import gguf_generation_config, read_gguf, read_gguf_checkpoint, read_gguf_config  # noqa: PLC0415
 
     check_memory(config_from_dict(read_gguf_config(path), source=str(path)), dtype, xp)
     config_dict, tensors = read_gguf_checkpoint(path, progress=progress)
     config = config_from_dict(config_dict, source=str(path))
     expected = parameter_shapes(config)
     check_tensor_names({name: tuple(t.shape) for name, t in tensors.items()}, expected, path)
+    _, metadata = read_gguf(path)  # cached: the file was parsed once, above
     params = {}
     for name in _progress(list(expected), progress, f"loading {path.name}"):
         params[name] = to_device(np.ascontiguousarray(tensors.pop(name), dtype=dtype), xp)
     model = Model(config, params, xp=xp, dtype=dtype)
     model.source = path
+    # What `minphi3 convert` writes as generation_config.json, so the file and its conversion agree.
     model.generation_config = gguf_generation_config(path)
+    model.tokenizer_size = gguf_tokenizer_size(metadata)
     return model
+
+
+def gguf_tokenizer_size(metadata: dict) -> int | None:
+    """How many ids a GGUF file's tokenizer can produce: its tokens, less the UNUSED-type entries
+    at the end (llama.cpp's converters pad the list to the embedding's rows with "[PAD<i>]"
+    tokens no text encodes to). None when the file has no token list, or only padding."""
+    from .gguf import TOKEN_UNUSED  # noqa: PLC0415
+
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not tokens:
+        return None
+    types = metadata.get("tokenizer.ggml.token_type") or []
+    size = len(tokens)
+    while size > 0 and size <= len(types) and types[size - 1] == TOKEN_UNUSED:
+        size -= 1
+    return size or None
 
 
 def model_from_parameters(config: ModelConfig, params: dict, backend: str = "numpy", dtype: str = "float32") -> Model:
@@ -194,7 +238,11 @@ def model_from_parameters(config: ModelConfig, params: dict, backend: str = "num
     dtype = resolve_dtype(dtype)
     expected = parameter_shapes(config)
     check_tensor_names({name: tuple(np.shape(a)) for name, a in params.items()}, expected, "parameters")
-    return Model(config, {name: to_device(np.asarray(params[name], dtype=dtype), xp) for name in expected}, xp=xp, dtype=dtype)
+    arrays = {name: to_device(np.asarray(params[name], dtype=dtype), xp) for name in expected}
+    model = Model(config, arrays, xp=xp, dtype=dtype)
+    # As a transformers model built from a config: generation stops at config.json's eos.
+    model.generation_config = generation_config_from_model_config(config)
+    return model
 
 
 def weights_nbytes(config: ModelConfig, dtype) -> int:

@@ -8,7 +8,7 @@ import torch
 from tiny_checkpoints import load_oracle, longrope_scaling, random_ids, save_tiny, save_tiny_tokenizer
 
 import minphi3
-from minphi3.generate import GenerationStats, prompt_positions, resolve_eos_ids
+from minphi3.generate import GenerationStats, infer_attention_mask, prompt_positions, resolve_eos_ids, resolve_pad_id
 
 CASES = {
     "plain": {},
@@ -187,6 +187,8 @@ def test_prompt_positions_of_left_padding():
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(attention_mask=[[0, 0, 0]]), "padding"),
         (dict(eos_token_id=500), "eos_token_id"),
+        (dict(pad_token_id=96), "pad_token_id"),
+        (dict(pad_token_id="0"), "pad_token_id"),
     ],
 )
 def test_bad_generation_requests_raise_generation_error(checkpoints, kwargs, message):
@@ -195,3 +197,126 @@ def test_bad_generation_requests_raise_generation_error(checkpoints, kwargs, mes
     arguments.update(kwargs)
     with pytest.raises(minphi3.GenerationError, match=message):
         minphi3.generate(model, **arguments)
+
+
+# ---- special ids: the generation config comes from generation_config.json alone ---------------
+
+
+def oracle_generate_defaults(folder, ids, max_new_tokens):
+    """transformers' greedy generate with no pad, eos or mask passed: its own defaults decide."""
+    hf = load_oracle(folder)
+    with torch.no_grad():
+        return hf.generate(torch.as_tensor(ids), do_sample=False, max_new_tokens=max_new_tokens).numpy()
+
+
+@pytest.fixture(scope="module")
+def early_stop(tmp_path_factory):
+    """A tiny checkpoint, a 2-row prompt and two ids: `stop`, which row 0 generates third, and
+    `first`, which row 1 generates later; neither appears earlier in either row."""
+    folder = save_tiny(tmp_path_factory.mktemp("early_stop"), seed=3)
+    ids = random_ids(2, 6, seed=11)
+    free = minphi3.generate(minphi3.load(folder), ids, max_new_tokens=12, eos_token_id=[])[:, 6:]
+    stop = int(free[0, 2])
+    later = [j for j in range(4, 12) if free[1, j] not in free[0, :3] and free[1, j] not in free[1, :j]]
+    later = [j for j in later if stop not in free[1, : j + 1]]
+    assert later, "the tiny model's free run gives no id to stop row 1 on: pick other seeds"
+    return folder, ids, stop, int(free[1, later[0]])
+
+
+def checkpoint_with_special_ids(early_stop, folder, generation_config):
+    """The early_stop checkpoint copied to `folder` with config.json's eos = stop (pad stays 0) and
+    generation_config.json replaced by `generation_config` (None: no such file)."""
+    import shutil
+
+    source, _, stop, _ = early_stop
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, eos_token_id=stop, pad_token_id=0)))
+    (folder / "generation_config.json").unlink()
+    if generation_config is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation_config))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["absent", "eos_list_no_pad", "pad_no_eos", "empty"])
+def test_pad_and_eos_defaults_match_transformers(early_stop, tmp_path, case):
+    """No pad, eos or mask passed. generation_config.json absent: config.json's pad (0) and eos
+    (stop). Present: that file alone, config.json's ids ignored: pad = the file's first eos, and
+    no eos at all when the file names none."""
+    _, ids, stop, first = early_stop
+    generation_config = {
+        "absent": None, "eos_list_no_pad": {"eos_token_id": [first, stop]}, "pad_no_eos": {"pad_token_id": 0},
+        "empty": {},
+    }[case]  # fmt: skip
+    folder = checkpoint_with_special_ids(early_stop, tmp_path / "m", generation_config)
+    model = minphi3.load(folder)
+    expected = oracle_generate_defaults(folder, ids, max_new_tokens=12)
+    ours = minphi3.generate(model, ids, max_new_tokens=12)
+    np.testing.assert_array_equal(ours, expected)
+    if case in ("absent", "eos_list_no_pad"):
+        pad = 0 if case == "absent" else first
+        assert ours[0, 8] == stop and ours.shape[1] > 9  # row 0 stopped on stop, row 1 went on
+        assert (ours[0, 9:] == pad).all()
+    else:  # config.json's eos (stop) does not count: nothing stops, as with no eos at all
+        assert ours[0, 8] == stop
+        np.testing.assert_array_equal(ours, minphi3.generate(model, ids, max_new_tokens=12, eos_token_id=[]))
+
+
+def test_row_stops_on_a_later_id_of_the_eos_list(early_stop, tmp_path):
+    """Row 0 stops on the list's second id and is padded with the first; row 1 stops on the first."""
+    _, ids, stop, first = early_stop
+    folder = checkpoint_with_special_ids(early_stop, tmp_path / "m", {"eos_token_id": [first, stop]})
+    model = minphi3.load(folder)
+    assert (resolve_eos_ids(model), resolve_pad_id(model, None, [first, stop])) == ([first, stop], first)
+    ours = minphi3.generate(model, ids, max_new_tokens=12)
+    row0, row1 = ours[0, 6:].tolist(), ours[1, 6:].tolist()
+    assert row0[2] == stop and set(row0[3:]) == {first}
+    assert row1[-1] == first and stop not in row1
+
+
+# ---- the attention mask inferred from pad tokens -----------------------------------------------
+
+
+def test_left_padded_batch_without_mask_matches_transformers(checkpoints):
+    """pad 0, eos 2 (pad is no eos id) and 0s in input_ids: transformers infers the mask ids != 0."""
+    folder = checkpoints["plain"]
+    ids = random_ids(2, 10, seed=5)
+    ids[1, :4] = 0
+    expected = oracle_generate_defaults(folder, ids, max_new_tokens=10)
+    model = minphi3.load(folder)
+    ours = minphi3.generate(model, ids, max_new_tokens=10)
+    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(ours, minphi3.generate(model, ids, attention_mask=(ids != 0).astype(int),
+                                                         max_new_tokens=10))  # fmt: skip
+    all_real = minphi3.generate(model, ids, attention_mask=np.ones_like(ids), max_new_tokens=10)
+    assert not np.array_equal(all_real[1], ours[1])  # the inferred mask changed row 1
+
+
+@pytest.mark.parametrize(
+    "pad, eos, inferred",
+    [(0, [2], True), (None, [2], False), (2, [2], False), (0, [5, 0], False), (7, [2], False)],
+    ids=["pad_not_eos", "no_pad", "pad_is_eos", "pad_in_eos_list", "pad_absent_from_ids"],
+)
+def test_infer_attention_mask_rule(pad, eos, inferred):
+    ids = np.array([[0, 0, 3, 4], [5, 6, 2, 8]])
+    expected = (ids != 0).astype(int) if inferred else np.ones_like(ids)
+    np.testing.assert_array_equal(infer_attention_mask(ids, pad, eos), expected)
+
+
+def test_inferred_mask_of_an_all_pad_row_is_refused(checkpoints):
+    model = minphi3.load(checkpoints["plain"])
+    with pytest.raises(minphi3.GenerationError, match="all pad_token_id 0"):
+        minphi3.generate(model, [[0, 0, 0], [3, 4, 5]], max_new_tokens=2)
+
+
+# ---- figures ----------------------------------------------------------------------------------
+
+
+def test_tokens_per_second_of_a_single_token_is_finite(checkpoints):
+    """One new token means no decoding step: the rate is that token's, 1 / prefill_seconds."""
+    assert GenerationStats(new_tokens=1, prefill_seconds=0.25).tokens_per_second == 4.0
+    assert GenerationStats().tokens_per_second == 0.0
+    stats = GenerationStats()
+    minphi3.generate(minphi3.load(checkpoints["plain"]), random_ids(1, 5), max_new_tokens=1, eos_token_id=[],
+                     stats=stats)  # fmt: skip
+    assert stats.new_tokens == 1 and np.isfinite(stats.tokens_per_second) and stats.tokens_per_second > 0

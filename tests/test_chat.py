@@ -1,0 +1,36 @@
+"""minphi3.chat: the figures a chat turn reports, down to a one-token answer."""
+
+import re
+
+import numpy as np
+import pytest
+from tiny_checkpoints import save_tiny, save_tiny_tokenizer
+
+import minphi3
+from minphi3.chat import ChatSession
+from minphi3.cli import main
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny Phi-3 checkpoint with a ChatML byte-level tokenizer in its folder."""
+    folder = save_tiny(tmp_path_factory.mktemp("chat"), vocab_size=300, max_position_embeddings=256)
+    return save_tiny_tokenizer(folder, 300)
+
+
+def test_one_token_answer_has_a_finite_rate(chat_model):
+    """One new token: no decoding step, yet tokens_per_second is a number (that token's rate)."""
+    session = ChatSession(minphi3.load(chat_model), minphi3.load_tokenizer(chat_model), max_new_tokens=1)
+    _, stats = session.ask("Hello")
+    assert stats.new_tokens == 1
+    assert np.isfinite(stats.tokens_per_second) and stats.tokens_per_second > 0
+    assert stats.tokens_per_second == pytest.approx(1 / stats.prefill_seconds)
+
+
+def test_chat_figures_line_of_a_one_token_answer_shows_a_rate(chat_model, capsys):
+    """`minphi3 chat --max-new-tokens 1` printed "nan tokens/s"; the line must show a real rate."""
+    assert main(["chat", "--model", str(chat_model), "--prompt", "Hello", "--max-new-tokens", "1"]) == 0
+    figures = [line for line in capsys.readouterr().err.splitlines() if "tokens/s" in line]
+    assert len(figures) == 1 and "1 new tokens" in figures[0], figures
+    rate = re.search(r", (\S+) tokens/s\]$", figures[0]).group(1)
+    assert rate != "nan" and float(rate) > 0, figures[0]
