@@ -2,16 +2,22 @@
 
 Errors a user can act on (a wrong path, a bad flag, an over-long prompt, a broken checkpoint) are
 printed as one line on stderr with exit status 2; anything unexpected exits with status 1 and a
-hint to report it. `--debug` shows the traceback instead.
+hint to report it. `--debug`, before or after the command, shows the traceback instead.
+
+`generate` and `chat` refuse what cannot run before reading any weight: the flags, then the
+config (do the weights fit in memory?), the tokenizer and the prompt's ids (does the prompt plus
+max_new_tokens fit the context?), then the weights plus the KV cache together. Only then are the
+weights read, which for a large model takes a while.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import types
 from pathlib import Path
 
-from .errors import GenerationError, MinPhi3Error
+from .errors import GenerationError, MinPhi3Error, ResourceError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -30,30 +36,37 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="minphi3", description="Phi-3 family language models in NumPy.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # Every parser shares --debug, so that it works before or after the command. It has no default
+    # (args.debug exists only when given): the command's parser runs after the top-level one, and a
+    # default there would reset a --debug given before the command.
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    parser = _Parser(prog="minphi3", description="Phi-3 family language models in NumPy.", parents=[shared])
     commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
-    generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002 - argparse's name
+        return commands.add_parser(name, help=help, parents=[shared])
+
+    generate = command("generate", "continue a prompt, streaming the text")
     _model_flags(generate)
     _sampling_flags(generate)
     generate.add_argument("prompt", help="the text to continue")
     generate.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template")
 
-    chat = commands.add_parser("chat", help="chat with a model through its chat template")
+    chat = command("chat", "chat with a model through its chat template")
     _model_flags(chat)
     _sampling_flags(chat, default_max_new_tokens=256)
     chat.add_argument("--prompt", help="answer this one message and exit (for scripts)")
     chat.add_argument("--system", help="a system message for the conversation")
 
-    parity = commands.add_parser("parity", help="compare every stage with transformers")
+    parity = command("parity", "compare every stage with transformers")
     parity.add_argument("path", help="checkpoint folder")
     parity.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parity.add_argument("--save", metavar="TRACE.npz", help="write every intermediate array to this file")
     parity.add_argument("--length", type=int, default=16, help="tokens in the probe input (default 16)")
     parity.add_argument("--seed", type=int, default=0, help="seed of the probe input")
 
-    convert = commands.add_parser("convert", help="convert a GGUF file to a Hugging Face folder")
+    convert = command("convert", "convert a GGUF file to a Hugging Face folder")
     convert.add_argument("input", help="the .gguf file")
     convert.add_argument("output", help="the folder to write")
     convert.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
@@ -103,11 +116,18 @@ def _check_generation_flags(args) -> None:
     )
 
 
-def _load_model_and_tokenizer(args):
-    from .loading import load, resolve_model_path  # noqa: PLC0415
-    from .tokenizer import load_tokenizer  # noqa: PLC0415
+def _open_checkpoint(args):
+    """Everything about --model that reads no weight. -> (path, config, tokenizer)
+
+    In this order: the flags, the path (the demo model when none is given), the config, the
+    memory the weights alone need, and the tokenizer (a Rust panic inside it stays off stderr).
+    """
+    from .backend import get_array_module, resolve_dtype  # noqa: PLC0415
+    from .loading import check_memory, resolve_model_path  # noqa: PLC0415
+    from .tokenizer import load_tokenizer, panic_output_hidden  # noqa: PLC0415
 
     _check_generation_flags(args)
+    xp, dtype = get_array_module(args.backend), resolve_dtype(args.dtype)
     path = args.model
     if path is None:
         from .demo import DEMO_MODEL_NOTE, demo_model_path  # noqa: PLC0415
@@ -117,23 +137,64 @@ def _load_model_and_tokenizer(args):
     path = resolve_model_path(path)
     if not path.exists():
         raise UsageError(f"--model {path}: no such file or folder")
+    config = _read_config(path)
+    check_memory(config, dtype, xp)
+    with panic_output_hidden():
+        tokenizer = load_tokenizer(path)
+    return path, config, tokenizer
+
+
+def _read_config(path: Path):
+    """The ModelConfig of a checkpoint folder or .gguf file, with the errors `load` would raise
+    first, in its order, and without opening a weight file."""
+    from .checkpoint import refuse_pickle_only  # noqa: PLC0415
+    from .config import config_from_dict, load_config  # noqa: PLC0415
+    from .loading import load  # noqa: PLC0415
+
+    if path.suffix == ".gguf":
+        from .gguf import read_gguf_config  # noqa: PLC0415
+
+        return config_from_dict(read_gguf_config(path), source=str(path))
+    if not path.is_dir():
+        load(path)  # a pickle file, or any other file: load() refuses it before reading it
+        raise UsageError(f"--model {path}: expected a checkpoint folder or a .gguf file")
+    refuse_pickle_only(path)  # before config.json, as load() does: a folder of pickles is refused for what it is
+    return load_config(path)
+
+
+def _load_weights(args, path: Path, config, tokenizer, tokens: int):
+    """The model, once its weights plus a KV cache of `tokens` tokens (one row) are known to fit."""
+    from .backend import get_array_module, resolve_dtype  # noqa: PLC0415
+    from .cache import cache_nbytes  # noqa: PLC0415
+    from .loading import check_cache_memory, check_memory, load  # noqa: PLC0415
+
+    xp, dtype = get_array_module(args.backend), resolve_dtype(args.dtype)
+    check_cache_memory(config, 1, tokens, dtype, xp)  # the cache alone: its message says to ask for fewer tokens
+    try:
+        check_memory(config, dtype, xp, extra_bytes=cache_nbytes(config, 1, tokens, dtype))
+    except ResourceError as exc:
+        raise ResourceError(f"{exc}, or ask for fewer new tokens (this counts the KV cache for {tokens} tokens "
+                            "on top of the weights)") from None
     model = load(path, backend=args.backend, dtype=args.dtype, progress=sys.stderr.isatty())
-    tokenizer = load_tokenizer(path)
     if model.tokenizer_size is None:
         model.tokenizer_size = len(tokenizer)
-    return model, tokenizer
+    return model
 
 
 def run_generate(args) -> int:
-    from .generate import TextStreamer, generate  # noqa: PLC0415
+    from .generate import TextStreamer, check_length, generate  # noqa: PLC0415
+    from .model import check_token_ids  # noqa: PLC0415
 
-    model, tokenizer = _load_model_and_tokenizer(args)
+    path, config, tokenizer = _open_checkpoint(args)
     if args.chat_template:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True)
     else:
         ids = tokenizer.encode(args.prompt)
     if not ids:
         raise GenerationError("the prompt is empty after tokenization: give at least one token of text")
+    check_token_ids([ids], config.vocab_size)
+    check_length(types.SimpleNamespace(config=config), len(ids), args.max_new_tokens)  # it reads model.config only
+    model = _load_weights(args, path, config, tokenizer, len(ids) + args.max_new_tokens)
     stop_ids = tokenizer.stop_token_ids(model.generation_config)
     streamer = TextStreamer(tokenizer, stop_ids=stop_ids)
     if not args.chat_template:
@@ -144,10 +205,30 @@ def run_generate(args) -> int:
     return 0
 
 
+def _first_turn_tokens(args, config, tokenizer) -> int:
+    """Tokens the KV cache of a chat's first turn holds, as `ChatSession.ask` sizes it: the prompt
+    plus max_new_tokens, clipped to the context. Without --prompt the turns come later, so the
+    budget alone (clipped to the context) is checked. A --prompt that fills the context is refused."""
+    from .model import check_token_ids  # noqa: PLC0415
+
+    context = config.max_position_embeddings
+    if args.prompt is None:
+        return min(args.max_new_tokens, context)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    ids = tokenizer.apply_chat_template(messages + [{"role": "user", "content": args.prompt}],
+                                        add_generation_prompt=True, tokenize=True)
+    check_token_ids([ids], config.vocab_size)
+    if len(ids) >= context:
+        raise GenerationError(f"the prompt ({len(ids)} tokens with the chat template) fills the model's context of "
+                              f"{context} tokens (max_position_embeddings); shorten it")
+    return len(ids) + min(args.max_new_tokens, context - len(ids))
+
+
 def run_chat(args) -> int:
     from .chat import ChatSession  # noqa: PLC0415
 
-    model, tokenizer = _load_model_and_tokenizer(args)
+    path, config, tokenizer = _open_checkpoint(args)
+    model = _load_weights(args, path, config, tokenizer, _first_turn_tokens(args, config, tokenizer))
     session = ChatSession(model, tokenizer, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
                           **_sampling_options(args))
 
@@ -240,10 +321,11 @@ COMMANDS = {"generate": run_generate, "chat": run_chat, "parity": run_parity, "c
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # until the command line is parsed: a bad one is reported with it too
     try:
         args = build_parser().parse_args(argv)
+        debug = getattr(args, "debug", False)
         if args.command is None:
             raise UsageError("missing command: one of generate, chat, parity, convert (see `python -m minphi3 --help`)")
         return COMMANDS[args.command](args)

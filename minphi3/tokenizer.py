@@ -7,7 +7,8 @@ What this module does, and why each part exists:
   `generation_config.json`) or hands a `.gguf` file to `minphi3.gguf`. The heavy lifting (BPE,
   byte fallback, added tokens) is done by the Rust `tokenizers` library, so that the ids are the ones
   the model was trained with. Every call into that library is guarded: it raises Rust panics as
-  `BaseException` subclasses, which minphi3 turns into `TokenizerError`.
+  `BaseException` subclasses, which minphi3 turns into `TokenizerError`; `panic_output_hidden`
+  keeps the message the panic prints below Python off stderr (the CLI uses it).
 - `Tokenizer` reproduces what transformers 5.23's `AutoTokenizer` does on top of `tokenizer.json`:
   which special tokens exist, the BOS rule (the post-processor of `tokenizer.json` decides;
   `add_bos_token` in `tokenizer_config.json` is ignored, as transformers ignores it when a
@@ -28,8 +29,12 @@ functions (pass their JSON schemas).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import sys
+import tempfile
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -79,6 +84,43 @@ def _guarded(source, what, fn, *args, **kwargs):
     except BaseException as exc:  # noqa: BLE001 - Rust panics are BaseExceptions
         where = f"{source}: " if source else ""
         raise TokenizerError(f"{where}{what} failed in the tokenizers library: {type(exc).__name__}: {exc}") from None
+
+
+@contextlib.contextmanager
+def panic_output_hidden():
+    """Keep what a Rust panic prints off stderr while the block runs (the CLI's one-line promise).
+
+    `_guarded` catches a panic, but the panic hook of the Rust runtime has already written
+    "thread '<unnamed>' panicked at ...", and a backtrace under RUST_BACKTRACE=1, to file
+    descriptor 2, below Python: replacing `sys.stderr` cannot catch it, only pointing the
+    descriptor elsewhere can. Inside the block fd 2 writes to a temporary file (not a pipe, whose
+    writer would block once it is full). On the way out fd 2 is restored; what was captured is
+    dropped when the block raised a TokenizerError (whose message already holds the panic's) and
+    written back to stderr otherwise, so warnings are not lost. Where fd 2 cannot be duplicated
+    (closed, say) the block runs unchanged.
+    """
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    failed = False
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except TokenizerError:
+            failed = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = b"" if failed else captured.read()
+            while kept:
+                kept = kept[os.write(2, kept) :]
 
 
 def _read_text(path: Path) -> str:

@@ -6,13 +6,16 @@ way (tracemalloc sees NumPy's buffers), and without creating a pickle payload's 
 
 CLI: `python -m minphi3 ...` in a subprocess whose address space is capped at CLI_MEMORY_LIMIT
 (RLIMIT_AS) exits with status 2 and exactly one line on stderr ("minphi3: error: ..."), holding the
-same fragments, with no traceback, within CLI_TIMEOUT seconds.
+same fragments, with no traceback, within CLI_TIMEOUT seconds (a guard against hangs, not a speed
+test: each case fails within a second or two).
 
-The suite prints "bad inputs: N cases tried, M handled" at the end (tests/conftest.py).
+The suite prints "bad inputs: N cases tried, M handled" at the end (tests/conftest.py); a case
+counts as handled only when both its API and its CLI test ran and passed.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import resource
@@ -27,12 +30,16 @@ from bad_inputs import CASES, tally
 from bad_inputs import corpus as bad
 
 import minphi3
+from minphi3 import cli
+from minphi3.cache import cache_nbytes
+from minphi3.config import config_from_dict
 from minphi3.errors import MinPhi3Error, ResourceError
+from minphi3.loading import weights_nbytes
 
 API_SECONDS = 5.0
 API_PEAK_BYTES = 64 * 1024**2
 CLI_MEMORY_LIMIT = 4 * 1024**3
-CLI_TIMEOUT = 30.0
+CLI_TIMEOUT = 10.0
 IDS = [c.id for c in CASES]
 
 
@@ -116,6 +123,33 @@ def test_corpus_covers_every_group_of_the_issue():
     assert all(c.fragments for c in CASES)
 
 
+def test_a_case_is_handled_only_when_both_paths_ran_and_passed():
+    results = {
+        "both": {"api": True, "cli": True},
+        "api_only": {"api": True},
+        "cli_failed": {"api": True, "cli": False},
+        "cli_only": {"cli": True},
+        "api_only_too": {"api": True},
+    }
+    assert bad.summary_line(results) == (
+        "bad inputs: 5 cases tried, 1 handled, 1 not run through the API, 2 not run through the CLI"
+    )
+    assert bad.summary_line({"a": {"api": True, "cli": True}}) == "bad inputs: 1 cases tried, 1 handled"
+    assert bad.summary_line({}) is None
+
+
+def test_the_summary_of_an_api_only_run_says_the_cli_did_not_run(tmp_path):
+    """`pytest -k api`: the API test passes, the CLI never runs, so the case is not handled."""
+    case_id = "config-not_json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={tmp_path}",
+         os.path.abspath(__file__), "-k", f"test_api and {case_id}"],
+        capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "bad inputs: 1 cases tried, 0 handled, 1 not run through the CLI" in result.stdout.splitlines(), result.stdout[-3000:]
+
+
 def test_the_base_inputs_are_valid(tmp_path):
     """The model, tokenizer and GGUF file the cases start from load and generate: each case fails
     for the one reason it names."""
@@ -124,7 +158,9 @@ def test_the_base_inputs_are_valid(tmp_path):
     tokenizer = minphi3.load_tokenizer(folder)
     assert tokenizer.encode("hi") == [259] and len(tokenizer) == 263
     assert minphi3.generate(model, [[65, 66]], max_new_tokens=3).shape == (1, 5)
-    gguf_model = minphi3.load(bad.write_gguf(tmp_path / "tiny.gguf"))
+    gguf_path = bad.write_gguf(tmp_path / "tiny.gguf")
+    gguf_model = minphi3.load(gguf_path)
+    assert minphi3.load_tokenizer(gguf_path).encode("hi") == [259]
     ids = np.array([[65, 66, 259]])
     np.testing.assert_allclose(gguf_model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     result = run_cli(bad.load_args(folder), cwd=tmp_path)
@@ -191,6 +227,96 @@ def test_cli_checks_sampling_flags_before_loading(tmp_path):
     assert result.returncode == 2 and "top_p" in result.stderr and "model.safetensors" not in result.stderr
     result = run_cli(["generate", "--model", str(folder), "hi", "--max-new-tokens", "0"], cwd=tmp_path)
     assert result.returncode == 2 and "max_new_tokens" in result.stderr
+
+
+def forbid_reading_weights(monkeypatch) -> None:
+    """Make any read of a weight file (safetensors headers or tensors, GGUF tensors) fail loudly."""
+    from minphi3 import gguf as mgguf
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("weights were read before the checks that need none")
+
+    monkeypatch.setattr(minphi3.loading, "read_all_headers", must_not_run)
+    monkeypatch.setattr(minphi3.loading, "read_parameters", must_not_run)
+    monkeypatch.setattr(mgguf, "read_gguf_checkpoint", must_not_run)
+
+
+def run_cli_in_process(arguments, capsys) -> tuple[int, list[str]]:
+    """cli.main(arguments) in this process (so that monkeypatches apply): (exit status, stderr lines)."""
+    capsys.readouterr()
+    status = cli.main(list(arguments))
+    return status, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("command", ["generate", "chat --prompt", "chat"])
+def test_cli_checks_weights_plus_kv_cache_before_reading_weights(tmp_path, monkeypatch, capsys, command):
+    """Weights that fit and a KV cache that fits alone, but not both: refused before any weight is
+    read, with the cache named. A context of 4096 positions lets the cache be the limit."""
+    config = dict(bad.TINY_CONFIG, max_position_embeddings=4096)
+    folder = str(bad.write_model(tmp_path / "model", config=config))
+    parsed = config_from_dict(config)
+    tokens = 512  # 128 bytes a token: 64 KiB of cache, beside about 100 KiB of weights
+    room = weights_nbytes(parsed, np.float32) + cache_nbytes(parsed, 1, tokens) - 1
+    monkeypatch.setattr(minphi3.loading, "available_memory", lambda xp: (room, "this machine has"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))  # chat without --prompt reads its turns
+    tokenizer = minphi3.load_tokenizer(folder)
+    words = command.split()
+    if command == "generate":
+        prompt, prompt_tokens = ["hi"], len(tokenizer.encode("hi"))
+    elif command == "chat --prompt":
+        prompt = ["--prompt", "hi"]
+        prompt_tokens = len(tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True))
+    else:
+        prompt, prompt_tokens = [], 0  # the turns come later: the budget alone is checked
+
+    def arguments(max_new_tokens: int) -> list[str]:
+        return [words[0], "--model", folder, *prompt, "--max-new-tokens", str(max_new_tokens)]
+
+    status, lines = run_cli_in_process(arguments(tokens - prompt_tokens - 1), capsys)  # one token less fits
+    assert status == 0, lines
+    forbid_reading_weights(monkeypatch)
+    status, lines = run_cli_in_process(arguments(tokens - prompt_tokens), capsys)
+    assert status == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("minphi3: error: the model needs"), lines
+    assert f"KV cache for {tokens} tokens" in lines[0] and "fewer new tokens" in lines[0], lines[0]
+
+
+def test_cli_checks_a_kv_cache_beyond_memory_before_reading_weights(tmp_path, monkeypatch, capsys):
+    config = dict(bad.TINY_CONFIG, max_position_embeddings=2**41)
+    folder = str(bad.write_model(tmp_path / "model", config=config))
+    forbid_reading_weights(monkeypatch)
+    status, lines = run_cli_in_process(["generate", "--model", folder, "hi", "--max-new-tokens", str(2**40)], capsys)
+    assert status == 2 and len(lines) == 1, lines
+    assert "KV cache for 1 x 1099511627777 tokens needs 128.0 TiB" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["generate", "{folder}", "x" * 100, "--max-new-tokens", "1"], "context of 64 tokens"),
+        (["generate", "{folder}", "hi", "--max-new-tokens", "64"], "context of 64 tokens"),
+        (["generate", "{folder}", "hi", "--chat-template", "--max-new-tokens", "60"], "context of 64 tokens"),
+        (["chat", "{folder}", "--prompt", "x" * 100], "context of 64 tokens"),
+        (["generate", "{folder}", ""], "the prompt is empty"),
+    ],
+    ids=["long_prompt", "long_answer", "chat_template", "chat_prompt", "empty_prompt"],
+)
+def test_cli_checks_the_prompt_before_reading_weights(tmp_path, monkeypatch, capsys, arguments, message):
+    folder = str(bad.write_model(tmp_path / "model"))
+    forbid_reading_weights(monkeypatch)
+    command, _, *rest = arguments
+    status, lines = run_cli_in_process([command, "--model", folder, *rest], capsys)
+    assert status == 2 and len(lines) == 1, lines
+    assert message in lines[0], lines[0]
+
+
+def test_cli_checks_the_prompt_of_a_gguf_file_before_reading_weights(tmp_path, monkeypatch, capsys):
+    path = str(bad.write_gguf(tmp_path / "tiny.gguf"))
+    status, lines = run_cli_in_process(["generate", "--model", path, "hi", "--max-new-tokens", "2"], capsys)
+    assert status == 0, lines
+    forbid_reading_weights(monkeypatch)
+    status, lines = run_cli_in_process(["generate", "--model", path, "hi", "--max-new-tokens", "64"], capsys)
+    assert status == 2 and len(lines) == 1 and "context of 64 tokens" in lines[0], lines
 
 
 def test_cli_refuses_a_model_beyond_its_address_space_limit(tmp_path):

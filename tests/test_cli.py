@@ -6,9 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+from bad_inputs import CASES
 from tiny_checkpoints import save_tiny, save_tiny_tokenizer
 
 import minphi3
+from minphi3 import cli
 from minphi3.chat import ChatSession, common_prefix_length
 
 
@@ -96,6 +98,68 @@ def test_debug_shows_the_traceback(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     result = run_cli("--debug", "generate", "--model", str(tmp_path), "hi")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize("where", [0, 1, 4], ids=["before_the_command", "after_the_command", "at_the_end"])
+def test_debug_works_before_or_after_the_command(where):
+    arguments = ["generate", "--model", "/nonexistent", "hi"]
+    arguments.insert(where, "--debug")
+    result = run_cli(*arguments)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" in result.stderr and "UsageError: --model /nonexistent: no such file" in result.stderr
+    assert "unrecognized arguments" not in result.stderr
+
+
+def test_unexpected_errors_exit_1_with_a_hint(monkeypatch, capsys):
+    """A bug (here a ZeroDivisionError inside the command) is one line asking for a report, exit 1."""
+
+    def broken_command(args):
+        return 1 / 0
+
+    monkeypatch.setitem(cli.COMMANDS, "generate", broken_command)
+    assert cli.main(["generate", "hi"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("minphi3: internal error: ZeroDivisionError: division by zero"), lines[0]
+    assert "this is a bug: please report it" in lines[0] and "--debug shows the traceback" in lines[0]
+    for arguments in (["--debug", "generate", "hi"], ["generate", "hi", "--debug"]):
+        with pytest.raises(ZeroDivisionError) as caught:
+            cli.main(arguments)  # raised out of main: Python prints its traceback
+        assert caught.traceback[-1].name == "broken_command"
+    assert capsys.readouterr().err == ""
+
+
+# The bad-input corpus's folder whose tokenizer.json has a merge that panics the Rust library.
+PANIC_CASE = next(c for c in CASES if c.id == "tokenizer-merge_that_panics_the_library")
+# `python -c`: the CLI with minphi3's merge pre-check switched off, so that the real panic happens.
+PANICKING_CLI = (
+    "import sys, contextlib, minphi3.tokenizer as t\n"
+    "t.check_bpe_merges = lambda model, source: None\n"
+    "if sys.argv[1] == 'unhidden': t.panic_output_hidden = contextlib.nullcontext\n"
+    "from minphi3.cli import main\n"
+    "sys.exit(main(sys.argv[2:]))\n"
+)
+
+
+@pytest.mark.parametrize("hidden", [True, False], ids=["hidden", "control_unhidden"])
+def test_a_real_rust_panic_is_one_line_on_stderr(tmp_path, hidden):
+    """The Rust panic hook writes to fd 2 even when the panic is caught; the CLI keeps it off stderr.
+    Control: without `panic_output_hidden` the hook's text does reach stderr."""
+    arguments = PANIC_CASE.build(tmp_path).cli
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RUST_BACKTRACE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", PANICKING_CLI, "hidden" if hidden else "unhidden", *arguments],
+        capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    error = [line for line in lines if line.startswith("minphi3: error: ")]
+    assert len(error) == 1 and "tokenizer.json" in error[0], result.stderr[-3000:]
+    assert "failed in the tokenizers library: PanicException" in error[0], error[0]
+    if hidden:
+        assert lines == error, result.stderr[-3000:]
+    else:
+        assert "panicked at" in result.stderr and len(lines) > 1
 
 
 def test_parity_command_prints_every_stage_and_saves_the_trace(tmp_path):

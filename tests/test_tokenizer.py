@@ -16,6 +16,7 @@ Tokenizers are built here, with the `tokenizers` library, and trained on a small
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -28,8 +29,9 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors,
 from tokenizers import Tokenizer as RustTokenizer
 from transformers import AutoTokenizer
 
+import minphi3.tokenizer
 from minphi3.errors import TokenizerError
-from minphi3.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from minphi3.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer, panic_output_hidden
 
 PHI3_TEMPLATE = (
     "{% for message in messages %}"
@@ -720,6 +722,46 @@ def test_rust_panics_become_tokenizer_errors():
 
     with pytest.raises(KeyboardInterrupt):
         _guarded("some/file", "decode", interrupt)
+
+
+def panicking_tokenizer_folder(folder):
+    """A folder whose tokenizer.json has the merge ("hi", "hi") over the vocabulary {h, i, hi}: the
+    merged token "hihi" is longer than every vocabulary entry, and the Rust BPE builder panics
+    (tokenizers#2094) instead of returning an error."""
+    spec = json.loads(RustTokenizer(models.BPE(vocab={"h": 0, "i": 1, "hi": 2}, merges=[("h", "i")])).to_str())
+    spec["model"]["merges"].append(["hi", "hi"])
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    return folder
+
+
+def test_a_real_rust_panic_becomes_a_tokenizer_error(tmp_path, monkeypatch, capfd):
+    folder = panicking_tokenizer_folder(tmp_path)
+    with pytest.raises(TokenizerError, match="'hihi', which is not in the vocabulary"):
+        load_tokenizer(folder)  # minphi3's pre-check refuses the merge before the library sees it
+    monkeypatch.setattr(minphi3.tokenizer, "check_bpe_merges", lambda model, source: None)
+    capfd.readouterr()
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: loading tokenizer\.json failed in the tokenizers library: PanicException"):
+        load_tokenizer(folder)
+    assert "panicked at" in capfd.readouterr().err  # a real panic: the Rust hook wrote on fd 2
+    with pytest.raises(TokenizerError, match="PanicException"), panic_output_hidden():
+        load_tokenizer(folder)
+    assert capfd.readouterr().err == ""
+
+
+def test_panic_output_hidden_passes_other_output_through(capfd):
+    with panic_output_hidden():
+        os.write(2, b"a warning from below Python\n")
+    assert capfd.readouterr().err == "a warning from below Python\n"
+    with pytest.raises(ValueError), panic_output_hidden():
+        os.write(2, b"kept\n")
+        raise ValueError("not a tokenizer error")
+    assert capfd.readouterr().err == "kept\n"
+    with pytest.raises(TokenizerError), panic_output_hidden():
+        os.write(2, b"dropped\n")
+        raise TokenizerError("the message already says it")
+    assert capfd.readouterr().err == ""
+    os.write(2, b"fd 2 is back\n")
+    assert capfd.readouterr().err == "fd 2 is back\n"
 
 
 def test_gguf_files_go_to_the_gguf_reader(monkeypatch, tmp_path):

@@ -1,7 +1,9 @@
 """The corpus of hostile and broken inputs, each one built by code in a temporary folder.
 
 A `Case` says what it builds, which minphi3 exception it must raise (the exact class) and which
-fragments its message must hold (the file, the field or the tensor, and the problem). Its
+fragments its message must hold (the file, the field or the tensor, and the problem). Apart from
+that one defect each input is complete: a checkpoint comes with its tokenizer, since the CLI reads
+the tokenizer (to size the prompt and the KV cache) before it reads any weight. Its
 `build(root)` writes the input under `root` and returns an `Attempt`: the library call that must
 raise (`api`), the command line that must exit with status 2 and one line on stderr (`cli`, the
 arguments after `python -m minphi3`), and, for pickle payloads, a `marker` file whose appearance
@@ -83,16 +85,30 @@ def cases_in(group: str) -> list[Case]:
     return [c for c in CASES if c.group == group]
 
 
-# case id -> {"api": bool, "cli": bool}: False when tried and not (yet) handled.
+# case id -> {"api": bool, "cli": bool}: False when tried and not (yet) handled; a path that did
+# not run in this session (deselected with -k, say) has no entry.
 tally: dict[str, dict[str, bool]] = defaultdict(dict)
+PATHS = {"api": "API", "cli": "CLI"}
 
 
-def summary_line() -> str | None:
-    """'bad inputs: N cases tried, M handled', or None when no case ran in this session."""
-    if not tally:
+def summary_line(results: dict[str, dict[str, bool]] | None = None) -> str | None:
+    """'bad inputs: N cases tried, M handled' for `results` (the session's `tally` by default), or
+    None when no case ran.
+
+    A case is handled only when both paths, the API and the CLI, ran and gave the expected error.
+    A case whose path did not run is not handled, and the line says how many missed each path:
+    'bad inputs: 86 cases tried, 80 handled, 6 not run through the CLI'.
+    """
+    results = tally if results is None else results
+    if not results:
         return None
-    handled = sum(all(paths.values()) for paths in tally.values())
-    return f"bad inputs: {len(tally)} cases tried, {handled} handled"
+    handled = sum(all(paths.get(path) is True for path in PATHS) for paths in results.values())
+    line = f"bad inputs: {len(results)} cases tried, {handled} handled"
+    for path, name in PATHS.items():
+        missing = sum(path not in paths for paths in results.values())
+        if missing:
+            line += f", {missing} not run through the {name}"
+    return line
 
 
 # ================================================================================================
@@ -224,7 +240,7 @@ def loading(path: Path, marker: Path | None = None) -> Attempt:
 def config_folder(root: Path, text: str | bytes | None = None, **changes) -> Attempt:
     """A folder whose config.json is `text` (raw) or TINY_CONFIG with `changes` (None deletes a
     field), next to valid weights for TINY_CONFIG."""
-    folder = write_model(root / "model", tokenizer=False)
+    folder = write_model(root / "model")
     path = folder / "config.json"
     if text is not None:
         path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
@@ -266,7 +282,7 @@ def _(root):
 
 @case("config", "missing_file", ConfigError, "config.json", "not found")
 def _(root):
-    folder = write_model(root / "model", tokenizer=False)
+    folder = write_model(root / "model")
     (folder / "config.json").unlink()
     return loading(folder)
 
@@ -377,7 +393,7 @@ def _(root):
 
 def weights_folder(root: Path, weights: bytes) -> Attempt:
     """A valid config.json next to `weights` as model.safetensors."""
-    return loading(write_model(root / "model", weights=weights, tokenizer=False))
+    return loading(write_model(root / "model", weights=weights))
 
 
 def edited_header(edit) -> bytes:
@@ -537,21 +553,21 @@ def _(root):
 def _(root):
     tensors = tiny_tensors()
     del tensors[NORM]
-    return loading(write_model(root / "model", tensors=tensors, tokenizer=False))
+    return loading(write_model(root / "model", tensors=tensors))
 
 
 @case("safetensors", "tensor_extra", CheckpointError, "unexpected tensor", "model.layers.1.mlp.down_proj.weight")
 def _(root):
     tensors = tiny_tensors()
     tensors["model.layers.1.mlp.down_proj.weight"] = np.zeros((32, 48), np.float32)
-    return loading(write_model(root / "model", tensors=tensors, tokenizer=False))
+    return loading(write_model(root / "model", tensors=tensors))
 
 
 @case("safetensors", "tensor_wrong_shape", CheckpointError, f"'{QKV}'", "[24, 32]", "expected [64, 32]")
 def _(root):
     tensors = tiny_tensors()
     tensors[QKV] = np.zeros((24, 32), np.float32)  # thirds of 3 x 8, not (4 + 2 x 2) heads x 8
-    return loading(write_model(root / "model", tensors=tensors, tokenizer=False))
+    return loading(write_model(root / "model", tensors=tensors))
 
 
 def sharded_folder(root: Path, shard_of_norm: str) -> Path:
@@ -564,7 +580,7 @@ def sharded_folder(root: Path, shard_of_norm: str) -> Path:
     weight_map = {name: "model-00001-of-00002.safetensors" for name in tensors}
     weight_map[NORM] = shard_of_norm
     write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
-    return folder
+    return write_tokenizer(folder)
 
 
 @case("safetensors", "index_names_absent_shard", CheckpointError, "model.safetensors.index.json",
@@ -591,7 +607,7 @@ def _(root):
 def _(root):
     folder = root / "model"
     write_json(folder / "config.json", TINY_CONFIG)
-    return loading(folder)
+    return loading(write_tokenizer(folder))
 
 
 # ================================================================================================
@@ -674,16 +690,18 @@ def gguf_tensors() -> dict:
     return {name: (hf[source], gguf.GGMLQuantizationType.F32) for name, source in names.items()}
 
 
-def write_gguf(path: Path, skip_metadata=(), tensors: dict | None = None, merges=None) -> Path:
+def write_gguf(path: Path, skip_metadata=(), tensors: dict | None = None, merges=None, tokenizer: bool = True) -> Path:
     """Write a tiny phi3 GGUF with `gguf.GGUFWriter` (metadata keys in `skip_metadata` left out),
-    with a byte-level tokenizer whose merges are `merges` ("left right" strings) when given."""
+    with, unless told not to, the byte-level tokenizer of `tokenizer_spec` in GGUF metadata, its
+    merges replaced by `merges` ("left right" strings) when given."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "phi3")
     for key, value in GGUF_METADATA.items():
         if key not in skip_metadata:
             getattr(writer, f"add_{key}")(value)
-    if merges is not None:
+    if tokenizer:
+        merges = [f"{left} {right}" for left, right in MERGES] if merges is None else merges
         tokens = gpt2_byte_alphabet() + [left + right for left, right in MERGES] + SPECIAL_TOKENS
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
