@@ -9,7 +9,13 @@ checkpoint says. Two spellings of the rotary settings exist in the wild and both
   "partial_rotary_factor": ...}`) and a top-level `original_max_position_embeddings`.
 
 Derived values (`head_dim`, `rotary_dim`, `kv_groups`, `attention_factor`) are properties, computed
-from the fields, never stored twice. Every problem raises `ConfigError` naming the field.
+from the fields, never stored twice. So are the read-only aliases for transformers 5's spellings:
+`config.rope_parameters` (the rotary settings as one mapping) and `config.dtype` (`torch_dtype`).
+Every problem raises `ConfigError` naming the field.
+
+Rope scaling: Phi-3 checkpoints may use LongRoPE (`longrope`, also spelled `su` or `yarn`); Phi
+checkpoints may use `linear` scaling (every frequency divided by `factor`, as transformers'
+PhiRotaryEmbedding does). Any other rope type is refused by name.
 """
 
 from __future__ import annotations
@@ -41,20 +47,24 @@ KNOWN_UNSUPPORTED = {
     "Phi4MMForCausalLM": "Phi-4-multimodal adds vision and audio encoders",
 }
 LONGROPE_SPELLINGS = ("longrope", "su", "yarn")
+PHI_ROPE_TYPES = ("linear",)  # rope_scaling types PhiForCausalLM runs here, besides no scaling
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """LongRoPE settings: per-pair wavelength factors for short and long contexts.
+    """How the rotary frequencies are scaled: "longrope" (Phi-3) or "linear" (Phi).
 
-    short_factor, long_factor: [rotary_dim / 2] each.
-    factor: optional override of max_position_embeddings / original_max_position_embeddings.
-    attention_factor: optional override of the cos/sin scale ("mscale").
+    longrope: short_factor, long_factor: [rotary_dim / 2] per-pair wavelength factors for short
+    and long contexts; factor: optional override of max_position_embeddings /
+    original_max_position_embeddings; attention_factor: optional override of the cos/sin scale
+    ("mscale").
+    linear: factor: every frequency is divided by it (positions squeezed `factor` times); the
+    factor lists stay empty.
     """
 
     rope_type: str
-    short_factor: tuple[float, ...]
-    long_factor: tuple[float, ...]
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
     factor: float | None = None
     attention_factor: float | None = None
 
@@ -120,7 +130,7 @@ class ModelConfig:
 
     @property
     def uses_longrope(self) -> bool:
-        return self.rope_scaling is not None
+        return self.rope_scaling is not None and self.rope_scaling.rope_type == "longrope"
 
     @property
     def attention_factor(self) -> float:
@@ -130,7 +140,7 @@ class ModelConfig:
         sqrt(1 + ln s / ln original_max) with s = rope_scaling.factor or
         max_position_embeddings / original_max, and 1.0 when s <= 1.
         """
-        if self.rope_scaling is None:
+        if not self.uses_longrope:  # linear scaling leaves cos and sin unscaled
             return 1.0
         if self.rope_scaling.attention_factor is not None:
             return float(self.rope_scaling.attention_factor)
@@ -141,6 +151,35 @@ class ModelConfig:
         if scale <= 1.0:
             return 1.0
         return math.sqrt(1 + math.log(scale) / math.log(original))
+
+    # ---- transformers 5 spellings (read-only aliases) --------------------------------------------
+    @property
+    def dtype(self) -> str | None:
+        """config.json's `dtype` (transformers 5's name for `torch_dtype`): the stored weights' dtype."""
+        return self.torch_dtype
+
+    @property
+    def rope_parameters(self) -> MappingProxyType:
+        """The rotary settings in transformers 5's `rope_parameters` layout, read-only.
+
+        -> {"rope_type": "default" | "longrope" | "linear", "rope_theta", "partial_rotary_factor",
+        and with scaling its fields: "short_factor", "long_factor", "original_max_position_embeddings"
+        (longrope), "factor", "attention_factor" (when config.json sets them)}. Built from the fields
+        on each access, whichever spelling config.json used, so it can never disagree with them.
+        """
+        parameters = {"rope_type": "default", "rope_theta": self.rope_theta,
+                      "partial_rotary_factor": self.partial_rotary_factor}
+        scaling = self.rope_scaling
+        if scaling is not None:
+            parameters["rope_type"] = scaling.rope_type
+            if scaling.rope_type == "longrope":
+                parameters["short_factor"] = scaling.short_factor
+                parameters["long_factor"] = scaling.long_factor
+                parameters["original_max_position_embeddings"] = self.original_max_position_embeddings
+            for name in ("factor", "attention_factor"):
+                if getattr(scaling, name) is not None:
+                    parameters[name] = getattr(scaling, name)
+        return MappingProxyType(parameters)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -364,16 +403,11 @@ def _phi_config(fields: _FieldReader, architectures: tuple[str, ...]) -> ModelCo
     common = _common_fields(fields, architectures)
     rope_parameters = fields.data.get("rope_parameters")
     rope_parameters = rope_parameters if isinstance(rope_parameters, dict) else {}
-    scaling_dict = _rope_scaling_dict(fields)
-    if scaling_dict is not None:
-        raise ConfigError(
-            f"{fields.source}: field 'rope_scaling' of type {scaling_dict.get('rope_type', scaling_dict.get('type'))!r} "
-            "is not supported for PhiForCausalLM (no released phi-1/1.5/2 checkpoint uses it)"
-        )
     common["hidden_act"] = fields.string("hidden_act", "gelu_new")
     return ModelConfig(
         model_type="phi",
         partial_rotary_factor=_partial_rotary_factor(fields, rope_parameters, 0.5),
+        rope_scaling=_read_phi_rope_scaling(fields),
         rms_norm_eps=None,
         layer_norm_eps=fields.positive_float("layer_norm_eps", 1e-5),
         qk_layernorm=fields.boolean("qk_layernorm", False),
@@ -381,24 +415,59 @@ def _phi_config(fields: _FieldReader, architectures: tuple[str, ...]) -> ModelCo
     )
 
 
-def _rope_scaling_dict(fields: _FieldReader) -> dict | None:
-    """The LongRoPE dict from `rope_scaling` or `rope_parameters`, or None for plain RoPE."""
+def _scaling_entry(fields: _FieldReader) -> tuple[str, dict] | None:
+    """(key, dict) of the first of `rope_scaling`, `rope_parameters` that asks for scaling, or None.
+
+    A `rope_parameters` of rope_type "default" is transformers 5's spelling of no scaling.
+    """
     for key in ("rope_scaling", "rope_parameters"):
         value = fields.data.get(key)
         if value is None:
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"{fields.source}: field {key!r} must be an object or null, found {type(value).__name__}")
-        rope_type = value.get("rope_type", value.get("type", "default"))
-        if rope_type == "default" and key == "rope_parameters":
+        if _rope_type(value) == "default" and key == "rope_parameters":
             continue
-        if rope_type not in LONGROPE_SPELLINGS:
-            raise ConfigError(
-                f"{fields.source}: field '{key}.rope_type' is {rope_type!r}; Phi-3 models support "
-                "'longrope' (also spelled 'su' or 'yarn') or no scaling"
-            )
-        return value
+        return key, value
     return None
+
+
+def _rope_type(scaling: dict):
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _rope_scaling_dict(fields: _FieldReader) -> dict | None:
+    """The LongRoPE dict from `rope_scaling` or `rope_parameters`, or None for plain RoPE (Phi-3)."""
+    entry = _scaling_entry(fields)
+    if entry is None:
+        return None
+    key, value = entry
+    if _rope_type(value) not in LONGROPE_SPELLINGS:
+        raise ConfigError(
+            f"{fields.source}: field '{key}.rope_type' is {_rope_type(value)!r}; Phi-3 models support "
+            "'longrope' (also spelled 'su' or 'yarn') or no scaling"
+        )
+    return value
+
+
+def _read_phi_rope_scaling(fields: _FieldReader) -> RopeScaling | None:
+    """Phi's rope scaling: `linear` (frequencies divided by `factor`) or none (phi-1/1.5/2 use none)."""
+    entry = _scaling_entry(fields)
+    if entry is None:
+        return None
+    key, value = entry
+    rope_type = _rope_type(value)
+    if rope_type == "default":  # `rope_scaling: {"rope_type": "default"}`: transformers runs plain RoPE
+        return None
+    if rope_type not in PHI_ROPE_TYPES:
+        raise ConfigError(
+            f"{fields.source}: field '{key}.rope_type' is {rope_type!r}; Phi models (phi-1, phi-1.5, phi-2, "
+            f"PhiForCausalLM) support {', '.join(repr(t) for t in PHI_ROPE_TYPES)} rope scaling or no scaling"
+        )
+    factor = value.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (factor > 0 and math.isfinite(factor)):
+        raise ConfigError(f"{fields.source}: field '{key}.factor' must be a positive finite number, found {factor!r}")
+    return RopeScaling(rope_type=rope_type, factor=float(factor))
 
 
 def _read_longrope(scaling: dict | None, source: str) -> RopeScaling | None:
@@ -450,7 +519,7 @@ def validate_config(config: ModelConfig, source: str = "config.json") -> None:
             f"{source}: field 'partial_rotary_factor' ({config.partial_rotary_factor}) gives rotary_dim "
             f"{config.rotary_dim} for head_dim {config.head_dim}; it must be a positive even number"
         )
-    if config.rope_scaling is not None:
+    if config.uses_longrope:
         for name in ("short_factor", "long_factor"):
             found = len(getattr(config.rope_scaling, name))
             if found != config.rotary_dim // 2:

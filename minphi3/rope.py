@@ -10,6 +10,10 @@ factor. The switch is decided once per forward call, for the whole batch, from t
 position in it: that is what transformers does, and `use_long_factors` is the one place the rule
 lives.
 
+Linear scaling (a Phi config's `rope_scaling: {"type": "linear", "factor": s}`) divides every
+frequency by s, which is the same as dividing every position by s. `inverse_frequencies_for` is
+the one place that picks the frequencies for a config.
+
 Precision: for float32 and float16 models the tables are built in float32 exactly as transformers
 builds them (float32 exponent, power, reciprocal, float32 angle = position * inv_freq), then cast.
 A float64 model gets float64 tables: transformers keeps float32 tables even there, which costs
@@ -52,6 +56,17 @@ def longrope_inverse_frequencies(theta: float, rotary_dim: int, factors, dtype=n
     return (dtype.type(1.0) / (np.asarray(factors, dtype=dtype) * powers)).astype(dtype)
 
 
+def linear_inverse_frequencies(theta: float, rotary_dim: int, factor: float, dtype=np.float32) -> np.ndarray:
+    """Linearly scaled frequencies: inv_freq[i] = (1 / theta**(2i / rotary_dim)) / factor.
+
+    -> [rotary_dim / 2] in `dtype` (float32 | float64)
+    The reciprocal comes first and the division by `factor` after, in `dtype`: transformers'
+    order (`_compute_linear_scaling_rope_parameters`: `inv_freq /= factor`), unlike LongRoPE's.
+    """
+    dtype = np.dtype(dtype)
+    return (default_inverse_frequencies(theta, rotary_dim, dtype) / dtype.type(factor)).astype(dtype)
+
+
 def use_long_factors(max_position: int, original_max_position_embeddings: int) -> bool:
     """The LongRoPE switch: long factors iff max(position) + 1 > original_max_position_embeddings.
 
@@ -61,9 +76,15 @@ def use_long_factors(max_position: int, original_max_position_embeddings: int) -
 
 
 def inverse_frequencies_for(config, max_position: int, dtype=np.float32) -> np.ndarray:
-    """The inverse frequencies a forward call with this highest position uses. -> [rotary_dim / 2]"""
+    """The inverse frequencies a forward call with this highest position uses. -> [rotary_dim / 2]
+
+    No scaling: plain RoPE; "linear": divided by rope_scaling.factor; "longrope": short or long
+    factors by `use_long_factors`.
+    """
     if config.rope_scaling is None:
         return default_inverse_frequencies(config.rope_theta, config.rotary_dim, dtype)
+    if config.rope_scaling.rope_type == "linear":
+        return linear_inverse_frequencies(config.rope_theta, config.rotary_dim, config.rope_scaling.factor, dtype)
     long = use_long_factors(max_position, config.original_max_position_embeddings)
     factors = config.rope_scaling.long_factor if long else config.rope_scaling.short_factor
     return longrope_inverse_frequencies(config.rope_theta, config.rotary_dim, factors, dtype)

@@ -1,9 +1,12 @@
 """Tests of minphi3/attention.py: the mask against explicit loops (causal, sliding window, padding,
 cache slots), the fused qkv split with GQA widths, grouped-query attention against a brute-force
-per-head loop and against transformers' eager kernel, and fully masked rows."""
+per-head loop (fixed cases and a hypothesis property over batch, heads, kv_heads, seq, kv_seq and
+window) and against transformers' eager kernel, fully masked rows, and attention in query blocks
+against the unblocked computation."""
 
 from __future__ import annotations
 
+import math
 import types
 
 import numpy as np
@@ -11,9 +14,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from transformers.models.phi3 import modeling_phi3
 
+import minphi3.attention
 from minphi3.attention import (
+    QUERY_BLOCK,
+    attention_in_query_blocks,
     attention_mask,
     grouped_query_attention,
     key_visible,
@@ -132,7 +139,23 @@ def test_split_qkv_uses_head_counts_not_thirds():
     for h in range(kv_heads):
         np.testing.assert_array_equal(k[:, h], qkv[..., 20 + h * head_dim:20 + (h + 1) * head_dim])
         np.testing.assert_array_equal(v[:, h], qkv[..., 30 + h * head_dim:30 + (h + 1) * head_dim])
-    assert width % 3 != 0 or np.any(k.reshape(batch, seq, -1) != qkv[..., width // 3: 2 * width // 3])
+
+
+def test_split_qkv_by_head_counts_when_the_width_divides_by_three():
+    """heads 4, kv_heads 1, head_dim 6: width 36 = 3 x 12, so a thirds split would run without error
+    and be wrong. The blocks are Q = columns 0..23, K = 24..29, V = 30..35."""
+    batch, seq, heads, kv_heads, head_dim = 2, 3, 4, 1, 6
+    width = (heads + 2 * kv_heads) * head_dim
+    assert width == 36 and width % 3 == 0
+    qkv = np.arange(batch * seq * width, dtype=np.float32).reshape(batch, seq, width)
+    q, k, v = split_qkv(qkv, heads, kv_heads, head_dim)
+    assert q.shape == (batch, heads, seq, head_dim) and k.shape == v.shape == (batch, kv_heads, seq, head_dim)
+    np.testing.assert_array_equal(merge_heads(q), qkv[..., 0:24])
+    np.testing.assert_array_equal(merge_heads(k), qkv[..., 24:30])
+    np.testing.assert_array_equal(merge_heads(v), qkv[..., 30:36])
+    # The thirds split ([0:12], [12:24], [24:36]) gives other keys and values.
+    assert not np.array_equal(merge_heads(k), qkv[..., 12:24][..., :6])
+    assert not np.array_equal(merge_heads(v), qkv[..., 24:36][..., :6])
 
 
 def test_split_qkv_like_transformers():
@@ -257,3 +280,137 @@ def test_float16_scores_softmax_in_float32():
     scores = np.array([12.0, 6.0, -12.0])
     expected = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
     np.testing.assert_allclose(weights[0, 0, 0].astype(np.float64), expected, atol=1e-3)
+
+
+# ---- grouped-query attention: a property against loops ------------------------------------------------
+def attention_by_loops(q, k, v, padding, window, scale, causal=True):
+    """The definition, one scalar at a time. Queries sit at indices kv_seq - seq .. kv_seq - 1 of the
+    sequence, keys at 0 .. kv_seq - 1. Key j is visible to query i iff the key is real
+    (padding[b][j]), and with `causal`, j <= i and (with a window W) j > i - W. Query head h reads
+    key/value head h // (heads / kv_heads). A query that sees no key averages every value
+    (transformers' uniform row)."""
+    batch, heads, seq, head_dim = q.shape
+    kv_heads, kv_seq = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    out = np.zeros(q.shape)
+    for b in range(batch):
+        for h in range(heads):
+            kv = h // groups
+            for i in range(seq):
+                position = kv_seq - seq + i
+                visible = [bool(padding[b][j]) and (not causal or (j <= position and (window is None or j > position - window)))
+                           for j in range(kv_seq)]
+                scores = [sum(q[b, h, i, d] * k[b, kv, j, d] for d in range(head_dim)) * scale for j in range(kv_seq)]
+                if any(visible):
+                    top = max(s for s, seen in zip(scores, visible, strict=True) if seen)
+                    p = [math.exp(s - top) if seen else 0.0 for s, seen in zip(scores, visible, strict=True)]
+                else:
+                    p = [1.0] * kv_seq
+                total = sum(p)
+                for d in range(head_dim):
+                    out[b, h, i, d] = sum(p[j] / total * v[b, kv, j, d] for j in range(kv_seq))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.data(),
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    seq=st.integers(1, 7),
+    past=st.integers(0, 6),
+    head_dim=st.integers(1, 4),
+    window=st.one_of(st.none(), st.integers(1, 9)),
+    causal=st.booleans(),
+    block=st.integers(1, 4),
+)
+def test_grouped_query_attention_matches_the_loop_definition(
+    data, batch, kv_heads, groups, seq, past, head_dim, window, causal, block
+):
+    heads, kv_seq = kv_heads * groups, past + seq
+    values = st.floats(-3, 3, allow_nan=False, width=64)
+    q = data.draw(hnp.arrays(np.float64, (batch, heads, seq, head_dim), elements=values))
+    k = data.draw(hnp.arrays(np.float64, (batch, kv_heads, kv_seq, head_dim), elements=values))
+    v = data.draw(hnp.arrays(np.float64, (batch, kv_heads, kv_seq, head_dim), elements=values))
+    padding = data.draw(hnp.arrays(np.bool_, (batch, kv_seq)))
+    if causal:
+        mask = mask_by_loops(range(past, kv_seq), range(kv_seq), padding, window)
+    else:  # no causal rule: only padding masks; all real means no mask at all (a decode step)
+        mask = None if padding.all() else np.broadcast_to(padding[:, None, None, :], (batch, 1, seq, kv_seq))
+    scale = head_dim**-0.5
+    expected = attention_by_loops(q, k, v, padding, window if causal else None, scale, causal)
+    out, weights = grouped_query_attention(q, k, v, mask, scale, return_weights=True)
+    assert out.shape == q.shape and weights.shape == (batch, heads, seq, kv_seq)
+    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-12)
+    # The same attention taken `block` queries at a time.
+    blocked = attention_in_query_blocks(q, k, v, mask, scale, block=block)
+    np.testing.assert_allclose(blocked, expected, rtol=1e-10, atol=1e-12)
+
+
+# ---- attention in query blocks ----------------------------------------------------------------------
+def _blocked_case(seq, past, pads, window, heads=4, kv_heads=2, head_dim=8, seed=0, dtype=np.float64):
+    """Random q, k, v and the mask of a prompt of `seq` tokens after `past` cached ones; row b has
+    pads[b] left-padding tokens, so its first queries see no key at all."""
+    rng = np.random.default_rng(seed)
+    kv_seq, batch = past + seq, len(pads)
+    q = rng.standard_normal((batch, heads, seq, head_dim)).astype(dtype)
+    k = rng.standard_normal((batch, kv_heads, kv_seq, head_dim)).astype(dtype)
+    v = rng.standard_normal((batch, kv_heads, kv_seq, head_dim)).astype(dtype)
+    padding = np.arange(kv_seq)[None, :] >= np.asarray(pads)[:, None]
+    mask = attention_mask(np.arange(past, kv_seq), np.arange(kv_seq), padding, window)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize(
+    "seq, past, pads, window, block",
+    [
+        (150, 0, (0, 30, 100), None, QUERY_BLOCK),  # the prefill shape of test_model's long prompts
+        (150, 0, (0, 30, 100), 24, QUERY_BLOCK),
+        (150, 0, (0, 0), 24, QUERY_BLOCK),  # no padding: blocks 1 and 2 see only a window of keys
+        (90, 20, (0, 50), 32, 16),  # after a cache of 20 keys, small blocks
+        (65, 0, (0, 70), None, QUERY_BLOCK),  # one block and one query; row 1 is padding to the end
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_blocked_attention_equals_unblocked(monkeypatch, seq, past, pads, window, block, dtype):
+    q, k, v, mask = _blocked_case(seq, past, pads, window, seed=seq + past, dtype=dtype)
+    unseen = ~mask.any(axis=-1)  # [batch, 1, seq]: queries that see no key
+    assert unseen.any() == any(p > past for p in pads)
+    whole, _ = grouped_query_attention(q, k, v, mask, 0.35)
+    calls = []
+    original = minphi3.attention.grouped_query_attention
+
+    def spy(q_block, k_block, v_block, block_mask, scale, return_weights=False):
+        calls.append((q_block.shape[2], k_block.shape[2]))
+        return original(q_block, k_block, v_block, block_mask, scale, return_weights)
+
+    monkeypatch.setattr(minphi3.attention, "grouped_query_attention", spy)
+    blocked = attention_in_query_blocks(q, k, v, mask, 0.35, block=block)
+    monkeypatch.undo()
+    assert [rows for rows, _ in calls] == [min(block, seq - start) for start in range(0, seq, block)]
+    if window is not None and not unseen.any():
+        assert min(keys for _, keys in calls) < past + seq  # some block left keys out
+    assert blocked.shape == q.shape and blocked.dtype == dtype
+    tolerance = 1e-12 if dtype == np.float64 else 2e-6
+    np.testing.assert_allclose(blocked, whole, rtol=tolerance, atol=tolerance)
+    # A query that sees no key averages every value, blocked or not (transformers' uniform row).
+    b, _, i = np.nonzero(unseen)
+    if len(b):
+        groups = q.shape[1] // k.shape[1]
+        mean = np.repeat(v.astype(np.float64).mean(axis=2), groups, axis=1)  # [batch, heads, head_dim]
+        np.testing.assert_allclose(blocked[b, :, i], mean[b], rtol=10 * tolerance, atol=10 * tolerance)
+
+
+def test_short_or_unmasked_attention_is_not_blocked(monkeypatch):
+    """seq <= block, or no mask at all (every key visible): one call, the whole thing."""
+    q, k, v, mask = _blocked_case(64, 0, (0, 10), None)
+    calls = []
+    original = minphi3.attention.grouped_query_attention
+    monkeypatch.setattr(minphi3.attention, "grouped_query_attention",
+                        lambda *args, **kwargs: calls.append(args[0].shape[2]) or original(*args, **kwargs))
+    np.testing.assert_array_equal(attention_in_query_blocks(q, k, v, mask, 0.5), original(q, k, v, mask, 0.5)[0])
+    q, k, v, _ = _blocked_case(100, 0, (0,), None)
+    np.testing.assert_array_equal(attention_in_query_blocks(q, k, v, None, 0.5), original(q, k, v, None, 0.5)[0])
+    assert calls == [64, 100]

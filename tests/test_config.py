@@ -201,6 +201,73 @@ def test_config_is_frozen():
         config.hidden_size = 1
 
 
+# ---- transformers 5 spellings: rope_parameters and dtype ----------------------------------------------
+def _their_rope_parameters(data: dict) -> dict:
+    """transformers' own `config.rope_parameters` for a config.json, factor lists as tuples; the
+    legacy `type` key it keeps beside `rope_type` is dropped."""
+    config_class = transformers.PhiConfig if data["model_type"] == "phi" else transformers.Phi3Config
+    theirs = dict(config_class(**copy.deepcopy(data)).rope_parameters)
+    theirs.pop("type", None)
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in theirs.items()}
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIG_FILES if "su" not in n])
+def test_rope_parameters_alias_equals_transformers(name):
+    config = load_config(REFERENCE / name)
+    assert dict(config.rope_parameters) == _their_rope_parameters(_reference(name))
+    assert config.rope_parameters["rope_type"] == ("longrope" if config.uses_longrope else "default")
+    assert config.rope_parameters["rope_theta"] == config.rope_theta
+    # The same mapping from the transformers 5 spelling of the same file.
+    assert dict(config_from_dict(_to_v5_spelling(_reference(name))).rope_parameters) == dict(config.rope_parameters)
+
+
+def test_rope_parameters_of_the_2024_su_spelling_reads_as_longrope():
+    config = load_config(REFERENCE / "Phi-3-mini-128k-instruct.2024-04-su.json")
+    rope = config.rope_parameters
+    assert rope["rope_type"] == "longrope"
+    assert rope["original_max_position_embeddings"] == 4096
+    assert rope["long_factor"] == tuple(_reference("Phi-3-mini-128k-instruct.2024-04-su.json")["rope_scaling"]["long_factor"])
+    # The June file has other factor values but the same layout.
+    june = load_config(REFERENCE / "Phi-3-mini-128k-instruct.json").rope_parameters
+    assert set(rope) == set(june)
+    assert {k: v for k, v in rope.items() if not k.endswith("_factor")} == {
+        k: v for k, v in june.items() if not k.endswith("_factor")
+    }
+
+
+def test_rope_parameters_carries_factor_and_attention_factor_when_set():
+    data = _reference("Phi-3-mini-128k-instruct.json")
+    assert "factor" not in load_config(REFERENCE / "Phi-3-mini-128k-instruct.json").rope_parameters
+    data["rope_scaling"].update(factor=8.0, attention_factor=1.25)
+    rope = config_from_dict(data).rope_parameters
+    assert (rope["factor"], rope["attention_factor"]) == (8.0, 1.25)
+    assert dict(rope) == _their_rope_parameters(data)
+
+
+@pytest.mark.parametrize("key", ["torch_dtype", "dtype"])
+def test_dtype_alias_reads_either_spelling(key):
+    data = _reference("Phi-3-mini-4k-instruct.json")
+    data.pop("torch_dtype")
+    assert config_from_dict(data).dtype is None
+    data[key] = "float16"
+    config = config_from_dict(data)
+    assert config.dtype == config.torch_dtype == "float16"
+    assert load_config(REFERENCE / "phi-2.json").dtype == "float16"
+
+
+def test_aliases_are_read_only_and_not_stored_twice():
+    config = load_config(REFERENCE / "Phi-4-mini-instruct.json")
+    assert "rope_parameters" not in ModelConfig.__dataclass_fields__
+    assert "dtype" not in ModelConfig.__dataclass_fields__
+    with pytest.raises(AttributeError):
+        config.dtype = "float32"
+    with pytest.raises(AttributeError):
+        config.rope_parameters = {}
+    with pytest.raises(TypeError):
+        config.rope_parameters["rope_theta"] = 1.0
+    assert config.rope_parameters["rope_theta"] == 10000.0 and config.dtype == "bfloat16"
+
+
 # ---- errors ---------------------------------------------------------------------------------------
 def _write(tmp_path, text: str) -> Path:
     path = tmp_path / "config.json"

@@ -3,7 +3,7 @@
 Every checkpoint is written by transformers' own `save_pretrained` (tests/conftest.py builds each
 once per session) and read back by both sides: transformers in float32 (or float64) with eager
 attention, minphi3 with `minphi3.load`. Tolerances (issue 2): float32 max |delta logits| <=
-1e-4 * max(1, max |logits|); float64 against transformers made float64 throughout <= 1e-9.
+1e-4 * max(1, max |logits|); float64 against transformers made float64 throughout <= 1e-9 absolute.
 """
 
 from __future__ import annotations
@@ -17,13 +17,20 @@ import torch
 import transformers
 from safetensors import safe_open
 from tiny_checkpoints import (
+    FLOAT64_TOLERANCE,
     assert_logits_close,
     lifted_float32_islands,
+    load_oracle,
+    longrope_scaling,
     oracle_forward,
     random_ids,
+    save_tiny,
 )
 
 import minphi3
+import minphi3.attention
+from minphi3.attention import QUERY_BLOCK
+from minphi3.rope import use_long_factors
 
 
 def _logits(output):
@@ -193,6 +200,86 @@ def test_attention_factor_one_differs_from_the_default(zoo):
     assert np.abs(_logits(default(ids)) - _logits(one(ids))).max() > 1e-2
 
 
+# ---- prefill in query blocks (seq > QUERY_BLOCK) -----------------------------------------------------
+# The zoo's checkpoints allow at most 128 positions; these allow 256, so 150 tokens are a legal
+# context. 150 = 64 + 64 + 22 queries: three blocks, the last one short.
+LONG_SEQ = 150
+LONG_CONTEXT = {
+    "window_gqa": dict(seed=41, sliding_window=24, num_key_value_heads=2, max_position_embeddings=256),
+    "longrope": dict(seed=42, rope_scaling=longrope_scaling(8, seed=3), max_position_embeddings=256,
+                     original_max_position_embeddings=64),
+    "gqa": dict(seed=43, num_key_value_heads=1, max_position_embeddings=256),
+}
+
+
+@pytest.fixture(scope="module")
+def long_zoo(tmp_path_factory):
+    """name -> (folder, {dtype: minphi3 model}, {dtype: transformers model}), built on first use."""
+    root, built = tmp_path_factory.mktemp("long_context"), {}
+
+    def get(name, dtype="float32"):
+        if name not in built:
+            built[name] = (save_tiny(root / name, **LONG_CONTEXT[name]), {}, {})
+        folder, models, oracles = built[name]
+        if dtype not in models:
+            models[dtype] = minphi3.load(folder, dtype=dtype)
+            oracles[dtype] = load_oracle(folder, "Phi3ForCausalLM", dtype)
+        return models[dtype], oracles[dtype]
+
+    return get
+
+
+def _long_inputs(name):
+    """ids, attention_mask (None: no padding) for the long-prompt cases.
+
+    window_gqa: rows of 150, 131 and 100 real tokens, left-padded: block 0 holds pad queries that
+    see no key at all (every key is kept for it), blocks 1 and 2 see only a window's run of keys.
+    """
+    if name != "window_gqa":
+        return random_ids(2, LONG_SEQ, seed=150), None
+    return _left_padded([random_ids(1, n, seed=n)[0] for n in (150, 131, 100)])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", list(LONG_CONTEXT))
+def test_prefill_in_query_blocks_matches_transformers(long_zoo, monkeypatch, name, dtype):
+    """150 tokens take `attention_in_query_blocks`' blocked route; logits still match transformers
+    (float64: against the oracle with its float32 steps lifted, 1e-9)."""
+    model, oracle = long_zoo(name, dtype)
+    config = model.config
+    assert config.max_position_embeddings >= LONG_SEQ and oracle.config.max_position_embeddings >= LONG_SEQ
+    if name == "longrope":  # positions past original_max: the long factors are in use
+        assert use_long_factors(LONG_SEQ - 1, config.original_max_position_embeddings)
+    ids, mask = _long_inputs(name)
+    blocks = []
+    unblocked = minphi3.attention.grouped_query_attention
+
+    def spy(q, k, v, block_mask, scale, return_weights=False):
+        blocks.append((q.shape[2], k.shape[2]))
+        return unblocked(q, k, v, block_mask, scale, return_weights)
+
+    monkeypatch.setattr(minphi3.attention, "grouped_query_attention", spy)
+    ours = _logits(model(ids, attention_mask=mask))
+    monkeypatch.undo()
+    # The blocked route really ran: 64 + 64 + 22 queries in every layer.
+    assert [rows for rows, _ in blocks] == [QUERY_BLOCK, QUERY_BLOCK, LONG_SEQ - 2 * QUERY_BLOCK] * config.num_hidden_layers
+    keys = [kv for _, kv in blocks[:3]]
+    if name == "window_gqa":  # block 0 keeps every key (pad queries); then W = 24 runs: keys 41..127, 105..149
+        assert keys == [LONG_SEQ, 127 - (64 - 23) + 1, 149 - (128 - 23) + 1]
+    else:  # causal: each block sees the keys up to its last query
+        assert keys == [QUERY_BLOCK, 2 * QUERY_BLOCK, LONG_SEQ]
+    real = np.ones(ids.shape, dtype=bool) if mask is None else mask.astype(bool)
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    if dtype == "float32":
+        theirs = oracle_forward(oracle, ids, **kwargs).logits.numpy()
+    else:
+        with lifted_float32_islands(oracle):
+            theirs = oracle_forward(oracle, ids, **kwargs).logits.numpy()
+    assert ours.dtype == np.dtype(dtype)
+    assert_logits_close(ours[real], theirs[real], dtype)
+    assert np.isfinite(ours).all()
+
+
 # ---- partial rotary + tied embeddings ------------------------------------------------------------
 def test_partial_rotary_tied_checkpoint(zoo):
     folder = zoo.folder("partial_tied")
@@ -320,6 +407,27 @@ def test_sequence_classification(zoo):
     assert np.abs(_logits(ours)[1] - full[1, 7]).max() > 1e-3
 
 
+def test_sequence_classification_left_padded_with_attention_mask(zoo):
+    """Left padding: transformers pools the rightmost non-pad token, the last position of every row,
+    and the attention mask keeps the pads out of it."""
+    model, oracle = zoo.model("sequence_classification"), zoo.oracle("sequence_classification")
+    ids, mask = _left_padded([random_ids(1, n, seed=20 + n)[0] for n in (9, 6, 2)])
+    labels = np.array([2, 0, 1])
+    ours = model(ids, attention_mask=mask, labels=labels)
+    theirs = oracle_forward(oracle, ids, attention_mask=mask, labels=labels)
+    assert _logits(ours).shape == (3, 3)
+    assert_logits_close(_logits(ours), theirs.logits.numpy())
+    assert float(ours.loss) == pytest.approx(float(theirs.loss), rel=1e-5)
+    # Each row's score is its tokens' alone: the padding is invisible.
+    for row, length in enumerate((9, 6, 2)):
+        alone = _logits(model(ids[row:row + 1, -length:]))
+        assert_logits_close(_logits(ours)[row:row + 1], alone)
+    # Without the mask the pads are attended to and the padded rows change.
+    unmasked = _logits(model(ids))
+    assert np.abs(unmasked[1:] - _logits(ours)[1:]).max() > 1e-3
+    assert np.abs(unmasked[0] - _logits(ours)[0]).max() == 0  # row 0 has no padding
+
+
 def test_sequence_classification_without_pad_token(zoo, tmp_path):
     """No pad_token_id: transformers pools the last position and refuses batches of more than one."""
     folder = tmp_path / "nopad"
@@ -411,6 +519,20 @@ def test_float64_against_the_lifted_oracle(zoo, name, case):
     # ... and float64 mode really is float64: float32 mode is much further from the lifted oracle.
     ours32 = _logits(zoo.model(name)(ids, **kwargs)).astype(np.float64)
     assert np.abs(ours32[real] - lifted[real]).max() > 100 * max(difference, 1e-14)
+
+
+def test_float64_tolerance_is_absolute():
+    """1e-9 absolute for float64 (issue 2), not scaled by large logits; float32 stays relative."""
+    theirs = np.array([1e4, -3.0, 0.5])
+    assert assert_logits_close(theirs + 5e-10, theirs, "float64") == pytest.approx(5e-10, rel=1e-3)
+    assert FLOAT64_TOLERANCE == 1e-9
+    with pytest.raises(AssertionError, match="max .delta."):
+        assert_logits_close(theirs + np.array([0.0, 0.0, 2e-9]), theirs, "float64")
+    with pytest.raises(AssertionError):
+        assert_logits_close(theirs + np.array([1e-8, 0.0, 0.0]), theirs, "float64")  # 1e-12 relative: still too far
+    assert_logits_close(theirs + 0.5, theirs, "float32")  # 0.5 <= 1e-4 * 1e4
+    with pytest.raises(AssertionError):
+        assert_logits_close(theirs + 1.5, theirs, "float32")
 
 
 # ---- call interface -------------------------------------------------------------------------------

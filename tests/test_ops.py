@@ -40,6 +40,33 @@ def test_rms_norm_against_formula():
         np.testing.assert_allclose(got, [v / rms * w for v, w in zip(row, weight, strict=True)], rtol=1e-13)
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.data(),
+    shape=hnp.array_shapes(min_dims=1, max_dims=3, max_side=7),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    eps=st.sampled_from([1e-6, 1e-5, 1e-2, 0.5]) | st.floats(1e-8, 1.0),
+)
+def test_rms_norm_property_against_its_formula(data, shape, dtype, eps):
+    """y[..., i] = x[..., i] / sqrt(sum_j x[..., j]**2 / hidden + eps) * weight[i], in float64 Python,
+    over shapes, float32 / float64 and eps; the result keeps x's dtype."""
+    values = st.floats(-100, 100, allow_nan=False, width=32)
+    x = data.draw(hnp.arrays(dtype, shape, elements=values))
+    weight = data.draw(hnp.arrays(dtype, shape[-1:], elements=st.floats(-3, 3, allow_nan=False, width=32)))
+    out = rms_norm(x, weight, eps)
+    assert out.shape == x.shape and out.dtype == dtype
+    rows = x.reshape(-1, shape[-1]).astype(np.float64)
+    expected = []
+    for row in rows:
+        rms = math.sqrt(sum(float(v) * float(v) for v in row) / len(row) + eps)
+        expected.append([float(v) / rms * float(w) for v, w in zip(row, weight, strict=True)])
+    expected = np.array(expected).reshape(shape)
+    # Elementwise relative error: the sum of squares has no cancellation and the rest is a handful
+    # of roundings (float32: about hidden / 2 + 6 of 6e-8 each); atol only for float32 subnormals.
+    rtol, atol = (1e-13, 1e-300) if dtype == np.float64 else (2e-6, 1e-35)
+    np.testing.assert_allclose(out.astype(np.float64), expected, rtol=rtol, atol=atol)
+
+
 def test_rms_norm_eps_inside_the_root_and_plain_gain():
     x = np.zeros((1, 4))
     x[0, 0] = 1e-3

@@ -5,7 +5,8 @@ Every tiny random checkpoint is written once per module by transformers' own `sa
 pitfalls P15-P18):
 
 - parity of logits, every hidden state and every attention map: partial rotary 0.4 (phi-2) and
-  0.5 (phi-1/1.5), qk_layernorm, grouped-query attention, tied embeddings (lm_head.bias stays);
+  0.5 (phi-1/1.5), qk_layernorm, grouped-query attention, tied embeddings (lm_head.bias stays),
+  linear rope scaling (the one rope type PhiForCausalLM runs here; others are refused);
   a left-padded batch (real positions only); labels and loss; float64 (1e-9 against the oracle
   with its float32 steps lifted, float32 tolerance against the stock one); the sequence- and
   token-classification heads;
@@ -54,10 +55,13 @@ CHECKPOINTS = {
     "gqa": dict(seed=24, hidden_size=64, intermediate_size=96, num_key_value_heads=2, partial_rotary_factor=0.4),
     # no published Phi is tied, but PhiForCausalLM allows it: the head keeps its own bias
     "tied": dict(seed=25, hidden_size=64, intermediate_size=96, tie_word_embeddings=True),
+    # linear rope scaling (transformers' PhiRotaryEmbedding with rope_type "linear"): inv_freq / 2.5
+    "linear_rope": dict(seed=29, hidden_size=64, intermediate_size=96, partial_rotary_factor=0.5,
+                        rope_scaling={"type": "linear", "factor": 2.5}),
     "sequence_classification": dict(seed=26, architecture="PhiForSequenceClassification", num_labels=3),
     "token_classification": dict(seed=27, architecture="PhiForTokenClassification", num_labels=5),
 }
-CAUSAL = ["phi2_like", "half_rotary", "qk_layernorm", "gqa", "tied"]
+CAUSAL = ["phi2_like", "half_rotary", "qk_layernorm", "gqa", "tied", "linear_rope"]
 
 
 class PhiZoo:
@@ -180,7 +184,7 @@ def test_labels_and_loss_match(phi, name):
     assert abs(float(unmasked.loss) - float(ours.loss)) > 1e-3  # the ignored labels mattered
 
 
-@pytest.mark.parametrize("name", ["phi2_like", "qk_layernorm", "gqa"])
+@pytest.mark.parametrize("name", ["phi2_like", "qk_layernorm", "gqa", "linear_rope"])
 def test_float64_matches_the_lifted_oracle_to_1e9(phi, name):
     """float64 against transformers' float64 model with its float32 islands (softmax, rope tables)
     lifted to float64: 1e-9. Against the stock float64 model: float32 tolerance only."""
@@ -246,7 +250,7 @@ def test_mlp_is_fc2_gelu_new_fc1(phi):
 
 
 # ---- the KV cache --------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["phi2_like", "qk_layernorm", "gqa", "tied"])
+@pytest.mark.parametrize("name", ["phi2_like", "qk_layernorm", "gqa", "tied", "linear_rope"])
 def test_cache_matches_no_cache_at_every_step(phi, name):
     model = phi.model(name)
     ids = random_ids(2, 10, seed=9)
@@ -406,13 +410,66 @@ def test_partial_rotary_factor_is_read_from_either_spelling(spelling):
     dict(hidden_act="gelu"),
     dict(partial_rotary_factor=0.05),  # int(16 * 0.05) = 0 rotary dims
     dict(partial_rotary_factor=0.3125),  # 16 * 0.3125 = 5 rotary dims: odd
-    dict(rope_scaling={"type": "linear", "factor": 2.0}),
+    dict(rope_scaling={"type": "linear"}),  # linear needs its factor
+    dict(rope_scaling={"type": "linear", "factor": 0.0}),
+    dict(rope_parameters={"rope_type": "linear", "factor": "2"}),
     dict(num_key_value_heads=3),
 ])
 def test_invalid_phi_configs_are_refused_naming_the_field(bad):
     field = next(iter(bad))
     with pytest.raises(ConfigError, match=field):
         config_from_dict(minimal_phi_dict(**bad))
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("rope_type", ["dynamic", "yarn", "longrope", "su", "llama3"])
+def test_other_phi_rope_types_are_refused_naming_the_family_and_the_supported_types(key, rope_type):
+    spelling = "type" if key == "rope_scaling" else "rope_type"
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(minimal_phi_dict(**{key: {spelling: rope_type, "factor": 2.0}}))
+    message = str(error.value)
+    assert f"{key}.rope_type" in message and repr(rope_type) in message
+    assert "Phi models" in message and "phi-2" in message and "'linear'" in message
+    assert "Phi-3" not in message
+
+
+# ---- linear rope scaling -----------------------------------------------------------------------------
+def test_linear_rope_config_reads_both_spellings_like_transformers(phi, tmp_path):
+    folder = phi.folder("linear_rope")
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "linear" and "rope_scaling" not in saved
+    config = minphi3.load_config(folder)
+    assert config.rope_scaling.rope_type == "linear" and config.rope_scaling.factor == 2.5
+    assert not config.uses_longrope and config.attention_factor == 1.0
+    assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 2.5
+    rotary = phi.oracle("linear_rope").model.rotary_emb
+    assert rotary.rope_type == "linear" and rotary.attention_scaling == 1.0
+    # The published (transformers 4) spelling: rope_scaling beside a top-level rope_theta.
+    legacy = minimal_phi_dict(rope_scaling={"type": "linear", "factor": 2.5}, rope_theta=10000.0)
+    assert config_from_dict(legacy).rope_scaling == config.rope_scaling
+    assert config_from_dict(minimal_phi_dict(rope_scaling={"rope_type": "default"})).rope_scaling is None
+
+
+def test_linear_rope_logits_differ_from_unscaled_rope(phi, tmp_path):
+    """Same weights, factor 2.5 vs none: the scaling is applied (and transformers agrees on both)."""
+    folder = tmp_path / "unscaled"
+    folder.mkdir()
+    for path in phi.folder("linear_rope").iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    data = json.loads((folder / "config.json").read_text())
+    data["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    (folder / "config.json").write_text(json.dumps(data))
+    ids = random_ids(2, 12, seed=30)
+    scaled = phi.model("linear_rope")(ids).logits
+    unscaled = minphi3.load(folder)(ids).logits
+    assert_logits_close(unscaled, oracle_forward(load_oracle(folder, "PhiForCausalLM"), ids).logits)
+    assert_logits_close(scaled, oracle_forward(phi.oracle("linear_rope"), ids).logits)
+    assert np.abs(scaled - unscaled).max() > 1e-2
+    # Linear scaling is position / factor: positions 0, 2.5, 5, ... cannot be fed as integers, but
+    # positions 0, 5, 10, ... under factor 2.5 equal positions 0, 2, 4, ... unscaled.
+    positions = np.broadcast_to(np.arange(12) * 5, (2, 12))
+    np.testing.assert_allclose(phi.model("linear_rope")(ids, position_ids=positions).logits,
+                               minphi3.load(folder)(ids, position_ids=positions // 5 * 2).logits, atol=2e-4)
 
 
 # ---- gelu_new --------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from minphi3.rope import (
     apply_rope,
     default_inverse_frequencies,
     inverse_frequencies_for,
+    linear_inverse_frequencies,
     longrope_inverse_frequencies,
     rope_cos_sin,
     rotate_half,
@@ -324,3 +325,46 @@ def test_inverse_frequencies_for_picks_the_factor_set():
     np.testing.assert_array_equal(
         inverse_frequencies_for(plain, 10**6, np.float32), default_inverse_frequencies(10000.0, 96, np.float32)
     )
+
+
+# ---- linear scaling (Phi) --------------------------------------------------------------------------
+def _phi_linear(rotary_fraction, hidden, theta, factor):
+    """(minphi3 config, transformers PhiConfig) of a Phi config with linear rope scaling."""
+    data = dict(model_type="phi", architectures=["PhiForCausalLM"], vocab_size=96, hidden_size=hidden,
+                intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64,
+                partial_rotary_factor=rotary_fraction, rope_theta=theta, rope_scaling={"type": "linear", "factor": factor})
+    return config_from_dict(data), transformers.PhiConfig(**{k: v for k, v in data.items() if k != "architectures"})
+
+
+@pytest.mark.parametrize("rotary_fraction, hidden, theta, factor", [
+    (0.5, 64, 10000.0, 2.0), (0.4, 320, 10000.0, 2.5), (1.0, 128, 5e5, 4.0), (0.5, 256, 1e4, 1.37), (1.0, 32, 1e4, 0.5),
+])
+def test_linear_inverse_frequencies_match_transformers_bit_for_bit(rotary_fraction, hidden, theta, factor):
+    """transformers' `_compute_linear_scaling_rope_parameters` (via PhiRotaryEmbedding): the plain
+    float32 frequencies, then `inv_freq /= factor`."""
+    from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
+
+    ours, theirs = _phi_linear(rotary_fraction, hidden, theta, factor)
+    rotary = PhiRotaryEmbedding(theirs)
+    assert rotary.rope_type == "linear" and rotary.attention_scaling == 1.0 == ours.attention_factor
+    expected = rotary.inv_freq.numpy()
+    for max_position in (0, 10**5):  # no switch: one set at every position
+        got = inverse_frequencies_for(ours, max_position, np.float32)
+        assert got.dtype == np.float32 and got.shape == (ours.rotary_dim // 2,)
+        np.testing.assert_array_equal(got, expected)
+    # ... and so are the tables a forward call rotates with.
+    positions = np.arange(0, 3000, 7)[None, :]
+    cos, sin = rope_cos_sin(inverse_frequencies_for(ours, 2999, np.float32), positions)
+    their_cos, their_sin = rotary(torch.zeros(1, dtype=torch.float32), torch.as_tensor(positions))
+    np.testing.assert_allclose(cos, their_cos.numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(sin, their_sin.numpy(), rtol=0, atol=2e-6)
+
+
+def test_linear_inverse_frequencies_formula_in_float64():
+    theta, rotary_dim, factor = 10000.0, 32, 2.5
+    got = linear_inverse_frequencies(theta, rotary_dim, factor, np.float64)
+    expected = [(1.0 / theta ** (2 * i / rotary_dim)) / factor for i in range(rotary_dim // 2)]
+    np.testing.assert_allclose(got, expected, rtol=1e-15)
+    assert got.dtype == np.float64
+    # Dividing every frequency by the factor is dividing every position by it.
+    np.testing.assert_allclose(got * 5.0, default_inverse_frequencies(theta, rotary_dim, np.float64) * 2.0, rtol=1e-15)
