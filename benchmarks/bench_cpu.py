@@ -93,7 +93,8 @@ def main(argv=None) -> None:
 
     header = (f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM; float32, {threads} threads "
               f"each; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy)")
-    bounds = (f"bounds (NumPy on this machine): matrix-vector {limits['bandwidth_gbs']:.1f} GB/s, "
+    kernel = next((run["blas_kernel"] for run in limit_runs if "blas_kernel" in run), "unknown")
+    bounds = (f"bounds (NumPy on this machine, {kernel}): matrix-vector {limits['bandwidth_gbs']:.1f} GB/s, "
               f"matrix-matrix {limits['matmul_gflops']:.0f} GFLOP/s")
     flat = window.get("cache_nbytes_max_after") == window.get("cache_nbytes_min_after")
     window_line = (f"sliding window of {window['window']}, {window['generated']} tokens generated: cache "

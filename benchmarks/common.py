@@ -186,6 +186,36 @@ def wait_for_idle(max_wait: float = 300, busy_below: float = 0.1, window: float 
 
 
 # ---- workers -----------------------------------------------------------------------------------
+# Set on some machines to steer an old OpenBLAS away from kernels that once crashed or computed
+# wrongly on new processors. They pin NumPy's BLAS to an older kernel (on an AVX-512 machine
+# "Haswell", AVX2: about 0.6x the matrix-matrix throughput) and leave torch's MKL untouched, so
+# they would compare the frameworks on unequal terms; the workers run without them unless
+# KEEP_BLAS_OVERRIDES is set. The kernel NumPy then uses is recorded (`blas_kernel`).
+BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def worker_environment(threads: int) -> dict:
+    """The environment of a worker: `threads` threads for every BLAS and OpenMP pool, and
+    without BLAS_OVERRIDES (see above) unless the environment variable KEEP_BLAS_OVERRIDES=1."""
+    env = dict(os.environ)
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[variable] = str(threads)
+    if os.environ.get("KEEP_BLAS_OVERRIDES") != "1":
+        for variable in BLAS_OVERRIDES:
+            env.pop(variable, None)
+    return env
+
+
+def blas_kernel() -> str:
+    """The BLAS library and the CPU kernel NumPy uses in this process (threadpoolctl)."""
+    try:
+        import threadpoolctl  # noqa: PLC0415
+    except ImportError:
+        return "unknown (threadpoolctl not installed)"
+    pools = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
+    return ", ".join(f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')}" for p in pools) or "none"
+
+
 def run_worker(args: list[str], threads: int, timeout: float = 3600, max_idle_wait: float = 300) -> dict:
     """Run `benchmarks/worker.py args` in a fresh process with `threads` BLAS/torch threads.
 
@@ -194,9 +224,7 @@ def run_worker(args: list[str], threads: int, timeout: float = 3600, max_idle_wa
     machine). Each run is a new process, so its peak resident memory (VmHWM) belongs to one
     framework and one model only.
     """
-    env = dict(os.environ)
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[variable] = str(threads)
+    env = worker_environment(threads)
     command = [sys.executable, str(WORKER), *args, "--threads", str(threads)]
     waited = wait_for_idle(max_idle_wait) if max_idle_wait > 0 else 0.0
     own_before = os.times()
@@ -287,15 +315,33 @@ def _median_seconds(function, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matvec_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
-    """float32 matrix-vector bandwidth in GB/s: W @ x for a [rows, 4096] W of `nbytes` (1 GiB,
-    far beyond any cache), read once per product. This is the ceiling of batch-1 decoding."""
-    columns = 4096
-    rows = nbytes // (4 * columns)
-    weight = np.random.default_rng(0).standard_normal((rows, columns), dtype=np.float32)
-    x = np.ones((1, columns), dtype=np.float32)
-    seconds = _median_seconds(lambda: x @ weight.T, repeats)
-    return weight.nbytes / seconds / 1e9
+# Matrix shapes of the benchmarked models' projections ([out, in]): Phi-3-mini's qkv, o, gate_up
+# and down, the demo model's gate_up and down, and one tall matrix.
+MATVEC_SHAPES = ((9216, 3072), (3072, 3072), (16384, 3072), (3072, 8192), (3072, 576), (576, 1536), (262144, 4096))
+
+
+def matvec_bandwidth(nbytes: int = 1 << 30, shapes=MATVEC_SHAPES, repeats: int = 5) -> dict:
+    """float32 matrix-vector bandwidth in GB/s, the ceiling of batch-1 decoding. -> {"best": GB/s,
+    "by_shape": {"RxC": GB/s}}
+
+    For each shape, `x @ W.T` (x: [1, C]) runs over a set of [R, C] matrices that together hold
+    `nbytes` (1 GiB, far beyond any cache), one after the other, as a decode step runs through a
+    model's layers; each matrix is read once per product. The best shape is the bound: a model
+    whose matrices stream more slowly than that loses the difference to its shapes.
+    """
+    by_shape = {}
+    for rows, columns in shapes:
+        count = max(1, nbytes // (4 * rows * columns))
+        weights = np.full((count, rows, columns), 0.01, dtype=np.float32)  # every page touched
+        x = np.ones((1, columns), dtype=np.float32)
+
+        def stream(weights=weights, x=x):
+            for weight in weights:
+                x @ weight.T
+
+        by_shape[f"{rows}x{columns}"] = weights.nbytes / _median_seconds(stream, repeats) / 1e9
+        del weights
+    return {"best": max(by_shape.values()), "by_shape": by_shape}
 
 
 def matmul_throughput(tokens: int = 512, width: int = 3072, out: int = 8192, repeats: int = 5) -> float:
@@ -400,6 +446,8 @@ def summarize(name: str, runs: dict, figures: dict, limits: dict, prompt_tokens:
             "prefill/bound": prefill / prefill_bound,
             "decode/bound": decode / decode_bound,
             "peak/(weights+cache)": peak / (figures["weights_bytes"] + figures["cache_bytes"]),
+            # Loading alone (the peak right after `load`), against the float32 weights it produced.
+            "load peak/weights": max(r["load_peak_rss"] for r in reports) / figures["weights_bytes"],
             "runs": len(reports),
             "interference (max)": max(r["interference"] for r in reports),
             "bounds": {"decode tok/s": decode_bound, "prefill tok/s": prefill_bound},
@@ -429,6 +477,7 @@ TABLE_COLUMNS = [
     ("decode x", "{:.2f}x"),
     ("decode/bound", "{:.0%}"),
     ("peak memory GB", "{:.2f}"),
+    ("load peak/weights", "{:.2f}"),
     ("peak/(weights+cache)", "{:.2f}"),
 ]
 

@@ -31,6 +31,20 @@ def peak_rss_bytes() -> int:
     return 0
 
 
+def anon_huge_pages_bytes() -> int:
+    """Bytes of this process's memory on 2 MB transparent huge pages (AnonHugePages). Weights on
+    4 KB pages stream measurably slower, and whether the kernel finds huge pages depends on how
+    fragmented memory is: this tells a slow run from a slow program."""
+    try:
+        with open("/proc/self/smaps_rollup", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def prompt_ids(vocab_size: int, length: int, seed: int = 0) -> np.ndarray:
     """The benchmark prompt: `length` ids drawn with a fixed seed (ids below 3 are left out). -> [1, length]"""
     return np.random.default_rng(seed).integers(3, min(vocab_size, 32000), size=(1, length), dtype=np.int64)
@@ -65,7 +79,7 @@ def run_minphi3(args) -> dict:
         out = minphi3.generate(model, prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
         return start, clock.times, out[0, prompt.shape[1]:]
 
-    report = {"load_seconds": load_seconds, "load_peak_rss": load_peak}
+    report = {"load_seconds": load_seconds, "load_peak_rss": load_peak, "huge_pages_bytes": anon_huge_pages_bytes()}
     report.update(_timed_runs(generate, ids, args))
     if args.profile:
         _profile(lambda: generate(ids, args.new_tokens), args.profile)
@@ -133,9 +147,11 @@ def run_transformers(args) -> dict:
 # ---- the machine's limits, and a sliding-window model's memory ----------------------------------
 def run_limits(args) -> dict:
     """float32 matrix-vector bandwidth and matrix-matrix throughput, measured with NumPy here."""
-    from common import matmul_throughput, matvec_bandwidth  # noqa: PLC0415
+    from common import blas_kernel, matmul_throughput, matvec_bandwidth  # noqa: PLC0415
 
-    return {"bandwidth_gbs": matvec_bandwidth(), "matmul_gflops": matmul_throughput()}
+    bandwidth = matvec_bandwidth()
+    return {"bandwidth_gbs": bandwidth["best"], "bandwidth_by_shape": bandwidth["by_shape"],
+            "matmul_gflops": matmul_throughput(), "blas_kernel": blas_kernel()}
 
 
 def run_window_check(args) -> dict:
