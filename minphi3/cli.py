@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 from pathlib import Path
 
 from .errors import GenerationError, MinPhi3Error, ResourceError
@@ -123,7 +122,7 @@ def _open_checkpoint(args):
     memory the weights alone need, and the tokenizer (a Rust panic inside it stays off stderr).
     """
     from .backend import get_array_module, resolve_dtype  # noqa: PLC0415
-    from .loading import check_memory, resolve_model_path  # noqa: PLC0415
+    from .loading import check_memory, read_model_config, resolve_model_path  # noqa: PLC0415
     from .tokenizer import load_tokenizer, panic_output_hidden  # noqa: PLC0415
 
     _check_generation_flags(args)
@@ -137,29 +136,11 @@ def _open_checkpoint(args):
     path = resolve_model_path(path)
     if not path.exists():
         raise UsageError(f"--model {path}: no such file or folder")
-    config = _read_config(path)
+    config = read_model_config(path)
     check_memory(config, dtype, xp)
     with panic_output_hidden():
         tokenizer = load_tokenizer(path)
     return path, config, tokenizer
-
-
-def _read_config(path: Path):
-    """The ModelConfig of a checkpoint folder or .gguf file, with the errors `load` would raise
-    first, in its order, and without opening a weight file."""
-    from .checkpoint import refuse_pickle_only  # noqa: PLC0415
-    from .config import config_from_dict, load_config  # noqa: PLC0415
-    from .loading import load  # noqa: PLC0415
-
-    if path.suffix == ".gguf":
-        from .gguf import read_gguf_config  # noqa: PLC0415
-
-        return config_from_dict(read_gguf_config(path), source=str(path))
-    if not path.is_dir():
-        load(path)  # a pickle file, or any other file: load() refuses it before reading it
-        raise UsageError(f"--model {path}: expected a checkpoint folder or a .gguf file")
-    refuse_pickle_only(path)  # before config.json, as load() does: a folder of pickles is refused for what it is
-    return load_config(path)
 
 
 def _load_weights(args, path: Path, config, tokenizer, tokens: int):
@@ -193,7 +174,7 @@ def run_generate(args) -> int:
     if not ids:
         raise GenerationError("the prompt is empty after tokenization: give at least one token of text")
     check_token_ids([ids], config.vocab_size)
-    check_length(types.SimpleNamespace(config=config), len(ids), args.max_new_tokens)  # it reads model.config only
+    check_length(config, len(ids), args.max_new_tokens)
     model = _load_weights(args, path, config, tokenizer, len(ids) + args.max_new_tokens)
     stop_ids = tokenizer.stop_token_ids(model.generation_config)
     streamer = TextStreamer(tokenizer, stop_ids=stop_ids)
@@ -268,7 +249,15 @@ def run_chat(args) -> int:
 
 def run_parity(args) -> int:
     from .loading import load  # noqa: PLC0415
-    from .parity import difference_rows, format_table, minphi3_trace, probe_ids, save_trace, transformers_trace  # noqa: PLC0415
+    from .parity import (  # noqa: PLC0415
+        STAGE_NAME,
+        difference_rows,
+        format_table,
+        minphi3_trace,
+        probe_ids,
+        save_trace,
+        transformers_trace,
+    )
 
     path = Path(args.path)
     if not path.is_dir():
@@ -294,7 +283,8 @@ def run_parity(args) -> int:
         print(format_table(difference_rows(ours, theirs)))
     else:
         for name, value in ours.items():
-            print(f"{name:<14} shape {list(value.shape)}  max |x| {abs(value).max():.4e}")
+            if STAGE_NAME.fullmatch(name):  # the stages; --save writes every intermediate as well
+                print(f"{name:<14} shape {list(value.shape)}  max |x| {abs(value).max():.4e}")
     if args.save:
         save_trace(args.save, ours, theirs)
         print(f"wrote {args.save}")

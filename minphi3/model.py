@@ -104,7 +104,8 @@ class StepContext:
 
     cos, sin: [batch, seq, rotary_dim]; query_index: [seq]; key_index: [kv_seq] (with a cache: the
     slots in use, `cache.slot_index[:used]`); key_padding: [batch, kv_seq] bool or None; slots:
-    cache slots of the new tokens (with cache).
+    cache slots of the new tokens (with cache); trace: a dict that `keep` fills with every layer's
+    intermediate arrays, or None (the usual case: nothing is kept).
     """
 
     cos: Any
@@ -115,7 +116,14 @@ class StepContext:
     cache: KVCache | None
     slots: Any
     output_attentions: bool
+    trace: dict | None = None
     _mask: Any = field(default=_NOT_BUILT, repr=False)
+
+    def keep(self, layer: int, arrays: dict) -> None:
+        """Record a layer's intermediate arrays as `layer.{layer}.{name}` when a trace was asked for
+        (`Model.__call__(trace=...)`, used by the parity report); otherwise do nothing."""
+        if self.trace is not None:
+            self.trace.update({f"layer.{layer}.{name}": array for name, array in arrays.items()})
 
     def mask(self, sliding_window: int | None):
         """The step's attention mask, bool [batch or 1, 1, seq, kv_seq], or None when every query
@@ -136,13 +144,16 @@ def self_attention(q, k, v, weights_out, bias_out, config, layer: int, step: Ste
     q: [batch, heads, seq, head_dim], k, v: [batch, kv_heads, seq, head_dim]
     -> out: [batch, seq, hidden], attention weights [batch, heads, seq, kv_seq] or None
     """
+    step.keep(layer, {"attn.q": q, "attn.k": k, "attn.v": v})
     q = apply_rope(q, step.cos, step.sin, config.rotary_dim)
     k = apply_rope(k, step.cos, step.sin, config.rotary_dim)
+    step.keep(layer, {"attn.q_rotated": q, "attn.k_rotated": k})
     if step.cache is not None:
         k, v, _key_index, _key_padding = step.cache.write(layer, step.slots, k, v)
     mask, scale = step.mask(config.sliding_window), config.head_dim**-0.5
     if step.output_attentions:
         out, weights = grouped_query_attention(q, k, v, mask, scale, return_weights=True)
+        step.keep(layer, {"attn.weights": weights})
     else:
         out, weights = attention_in_query_blocks(q, k, v, mask, scale), None
     return linear(merge_heads(out), weights_out, bias_out), weights
@@ -158,9 +169,12 @@ def phi3_decoder_layer(x, w: dict, config, layer: int, step: StepContext):
     qkv = linear(normed, w["self_attn.qkv_proj.weight"])
     q, k, v = split_qkv(qkv, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
     attended, weights = self_attention(q, k, v, w["self_attn.o_proj.weight"], None, config, layer, step)
-    x = x + attended
-    normed = rms_norm(x, w["post_attention_layernorm.weight"], config.rms_norm_eps)
-    return x + gated_mlp(normed, w["mlp.gate_up_proj.weight"], w["mlp.down_proj.weight"]), weights
+    residual = x + attended
+    post_normed = rms_norm(residual, w["post_attention_layernorm.weight"], config.rms_norm_eps)
+    feed_forward = gated_mlp(post_normed, w["mlp.gate_up_proj.weight"], w["mlp.down_proj.weight"])
+    step.keep(layer, {"input_norm": normed, "attn.output": attended, "residual": residual,
+                      "post_attention_norm": post_normed, "mlp.output": feed_forward})
+    return residual + feed_forward, weights
 
 
 def phi_decoder_layer(x, w: dict, config, layer: int, step: StepContext):
@@ -183,6 +197,7 @@ def phi_decoder_layer(x, w: dict, config, layer: int, step: StepContext):
         q, k, v, w["self_attn.dense.weight"], w["self_attn.dense.bias"], config, layer, step
     )
     feed_forward = gelu_mlp(normed, w["mlp.fc1.weight"], w["mlp.fc1.bias"], w["mlp.fc2.weight"], w["mlp.fc2.bias"])
+    step.keep(layer, {"input_norm": normed, "attn.output": attended, "mlp.output": feed_forward})
     return attended + feed_forward + x, weights
 
 
@@ -337,13 +352,16 @@ class Model:
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         cache: KVCache | None = None,
+        trace: dict | None = None,
     ) -> ModelOutput:
         """Run the model.
 
         input_ids: [batch, seq] integers (nested lists accepted); attention_mask: [batch, seq] (or
         [batch, cached + seq] with a cache), 1 for real tokens, 0 for padding; position_ids:
         [batch, seq] (default: cached + arange(seq)); labels: [batch, seq] unshifted, -100 ignored;
-        cache: a KVCache from `new_cache`, read and extended in place.
+        cache: a KVCache from `new_cache`, read and extended in place; trace: a dict to fill with
+        the rope tables (`rope.cos`, `rope.sin`) and every layer's intermediate arrays
+        (`layer.N.attn.q`, ...: the names are listed in minphi3/parity.py).
         """
         config, xp = self.config, self.xp
         ids = check_token_ids(input_ids, config.vocab_size)
@@ -352,6 +370,9 @@ class Model:
         positions = _positions(position_ids, batch, seq, past)
         padding = _padding(attention_mask, batch, seq, past)
         step = self._step_context(positions, padding, cache, batch, seq, output_attentions)
+        if trace is not None:
+            step.trace = trace
+            trace.update({"rope.cos": step.cos, "rope.sin": step.sin})
 
         x = self.params["model.embed_tokens.weight"][to_device(ids, xp)]
         hidden_states = [x] if output_hidden_states else None

@@ -30,26 +30,19 @@ layers are parallel: `layer.N = x + attn.output + mlp.output`, with the MLP read
 have no residual or post_attention_norm, and with qk_layernorm `attn.q`/`attn.k` are taken after
 that norm (the rotation's input, as in transformers). Arrays are in the model's dtype.
 
-The per-layer arrays are computed by calling the same functions, in the same order, as
-`phi3_decoder_layer` / `phi_decoder_layer` in minphi3/model.py (which return only their output),
-on each layer's own input from the forward pass; attention is taken unblocked
-(`grouped_query_attention`), which is what the forward pass does for prompts of up to
-`attention.QUERY_BLOCK` tokens.
+The per-layer arrays are recorded by the decoder layers themselves (`StepContext.keep` in
+minphi3/model.py) during the one forward pass, so they are exactly what the model computed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
-from .attention import split_heads, split_qkv
 from .backend import to_numpy
-from .mlp import gated_mlp, gelu_mlp
-from .model import _positions, check_token_ids, self_attention
-from .ops import layer_norm, linear, rms_norm
-from .rope import apply_rope
 
 
 def probe_ids(vocab_size: int, length: int = 16, seed: int = 0) -> np.ndarray:
@@ -58,73 +51,23 @@ def probe_ids(vocab_size: int, length: int = 16, seed: int = 0) -> np.ndarray:
 
 
 def minphi3_trace(model, input_ids) -> dict[str, np.ndarray]:
-    """Every array of minphi3's forward pass as host arrays, named as in the module docstring."""
-    out = model(input_ids, output_hidden_states=True)
-    ids = check_token_ids(input_ids, model.config.vocab_size)
-    step = _probe_step(model, ids)
+    """Every array of minphi3's forward pass as host arrays, named as in the module docstring.
+
+    The forward pass itself records them (`model(..., trace=...)`): the trace is what the model
+    computed, not a second computation of it. Attention weights are asked for, so attention runs
+    unblocked (`grouped_query_attention`).
+    """
+    arrays: dict = {}
+    out = model(input_ids, output_hidden_states=True, output_attentions=True, trace=arrays)
     trace = {"input_ids": np.asarray(input_ids), "embedding": to_numpy(out.hidden_states[0])}
-    trace["rope.cos"], trace["rope.sin"] = to_numpy(step.cos), to_numpy(step.sin)
-    layer_trace = phi3_layer_trace if model.config.is_phi3 else phi_layer_trace
-    layer_inputs = (out.hidden_states[0],) + out.layer_outputs[:-1]
-    for index, (x, weights) in enumerate(zip(layer_inputs, model.layers, strict=True)):
-        for name, array in layer_trace(x, weights, model.config, index, step).items():
-            trace[f"layer.{index}.{name}"] = to_numpy(array)
-        trace[f"layer.{index}"] = to_numpy(out.layer_outputs[index])
+    trace.update({name: to_numpy(array) for name, array in arrays.items() if name.startswith("rope.")})
+    for index, output in enumerate(out.layer_outputs):
+        prefix = f"layer.{index}."
+        trace.update({name: to_numpy(array) for name, array in arrays.items() if name.startswith(prefix)})
+        trace[f"layer.{index}"] = to_numpy(output)
     trace["final_norm"] = to_numpy(out.hidden_states[-1])
     trace["logits"] = to_numpy(out.logits)
     return trace
-
-
-def _probe_step(model, ids):
-    """The StepContext the forward pass builds for `ids` (no cache, no padding), with attention
-    weights asked for so that `self_attention` returns them."""
-    batch, seq = ids.shape
-    return model._step_context(_positions(None, batch, seq, 0), None, None, batch, seq, output_attentions=True)
-
-
-def phi3_layer_trace(x, w: dict, config, layer: int, step) -> dict:
-    """`phi3_decoder_layer`'s steps, each kept. x: [batch, seq, hidden] -> {name: array}"""
-    normed = rms_norm(x, w["input_layernorm.weight"], config.rms_norm_eps)
-    qkv = linear(normed, w["self_attn.qkv_proj.weight"])
-    q, k, v = split_qkv(qkv, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-    attended, weights = self_attention(q, k, v, w["self_attn.o_proj.weight"], None, config, layer, step)
-    residual = x + attended
-    post_normed = rms_norm(residual, w["post_attention_layernorm.weight"], config.rms_norm_eps)
-    mlp_output = gated_mlp(post_normed, w["mlp.gate_up_proj.weight"], w["mlp.down_proj.weight"])
-    return {
-        "input_norm": normed, **_attention_arrays(q, k, v, step, config), "attn.weights": weights,
-        "attn.output": attended, "residual": residual, "post_attention_norm": post_normed, "mlp.output": mlp_output,
-    }
-
-
-def phi_layer_trace(x, w: dict, config, layer: int, step) -> dict:
-    """`phi_decoder_layer`'s steps, each kept. x: [batch, seq, hidden] -> {name: array}"""
-    eps = config.layer_norm_eps
-    normed = layer_norm(x, w["input_layernorm.weight"], w["input_layernorm.bias"], eps)
-    q = split_heads(linear(normed, w["self_attn.q_proj.weight"], w["self_attn.q_proj.bias"]), config.num_attention_heads)
-    k = split_heads(linear(normed, w["self_attn.k_proj.weight"], w["self_attn.k_proj.bias"]), config.num_key_value_heads)
-    v = split_heads(linear(normed, w["self_attn.v_proj.weight"], w["self_attn.v_proj.bias"]), config.num_key_value_heads)
-    if config.qk_layernorm:
-        q = layer_norm(q, w["self_attn.q_layernorm.weight"], w["self_attn.q_layernorm.bias"], eps)
-        k = layer_norm(k, w["self_attn.k_layernorm.weight"], w["self_attn.k_layernorm.bias"], eps)
-    attended, weights = self_attention(
-        q, k, v, w["self_attn.dense.weight"], w["self_attn.dense.bias"], config, layer, step
-    )
-    mlp_output = gelu_mlp(normed, w["mlp.fc1.weight"], w["mlp.fc1.bias"], w["mlp.fc2.weight"], w["mlp.fc2.bias"])
-    return {
-        "input_norm": normed, **_attention_arrays(q, k, v, step, config), "attn.weights": weights,
-        "attn.output": attended, "mlp.output": mlp_output,
-    }
-
-
-def _attention_arrays(q, k, v, step, config) -> dict:
-    """q, k, v as split, and q, k rotated with the step's tables exactly as `self_attention` rotates them."""
-    return {
-        "attn.q": q, "attn.k": k, "attn.v": v,
-        "attn.q_rotated": apply_rope(q, step.cos, step.sin, config.rotary_dim),
-        "attn.k_rotated": apply_rope(k, step.cos, step.sin, config.rotary_dim),
-    }
-
 
 
 def transformers_trace(folder, input_ids, dtype: str = "float32") -> dict[str, np.ndarray]:
@@ -157,11 +100,16 @@ def transformers_trace(folder, input_ids, dtype: str = "float32") -> dict[str, n
     return captured
 
 
-def difference_rows(ours: dict, theirs: dict) -> list[tuple[str, float, float]]:
-    """(stage, max |a - b|, max |a - b| / max |b|) for every stage both traces hold, in order."""
+STAGE_NAME = re.compile(r"embedding|layer\.\d+|final_norm|logits")  # the report's rows
+
+
+def difference_rows(ours: dict, theirs: dict, every_array: bool = False) -> list[tuple[str, float, float]]:
+    """(name, max |a - b|, max |a - b| / max |b|) for every stage both traces hold, in order: the
+    embedding, each layer's output, the final norm, the logits. every_array: every array both
+    hold (the layers' intermediates too, when both traces are minphi3's)."""
     rows = []
     for name in ours:
-        if name == "input_ids" or name not in theirs:
+        if name == "input_ids" or name not in theirs or not (every_array or STAGE_NAME.fullmatch(name)):
             continue
         a, b = np.asarray(ours[name], np.float64), np.asarray(theirs[name], np.float64)
         absolute = float(np.abs(a - b).max())
