@@ -79,11 +79,12 @@ def prompt_positions(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, 0, positions).astype(np.int64)
 
 
-def check_length(model, prompt_length: int, max_new_tokens) -> int:
-    """max_new_tokens must be a positive integer and prompt + new tokens must fit the context."""
+def check_length(config, prompt_length: int, max_new_tokens) -> int:
+    """max_new_tokens must be a positive integer and prompt + new tokens must fit the context
+    (config.max_position_embeddings)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise GenerationError(f"max_new_tokens must be a positive integer, found {max_new_tokens!r}")
-    limit = model.config.max_position_embeddings
+    limit = config.max_position_embeddings
     if prompt_length + max_new_tokens > limit:
         raise GenerationError(
             f"the prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) is longer than the "
@@ -123,7 +124,7 @@ def generate(
     """
     ids = check_token_ids(input_ids, model.config.vocab_size)
     batch, prompt_length = ids.shape
-    max_new_tokens = check_length(model, prompt_length, max_new_tokens)
+    max_new_tokens = check_length(model.config, prompt_length, max_new_tokens)
     validate_sampling_parameters(temperature, top_k, top_p, min_p, repetition_penalty)
     if do_sample and temperature == 0:
         do_sample = False  # temperature 0 is the limit of sharpening: greedy

@@ -41,20 +41,10 @@ def load(path, backend: str = "numpy", dtype: str = "float32", progress: bool = 
     xp = get_array_module(backend)
     dtype = resolve_dtype(dtype)
     path = resolve_model_path(path)
-    if path.suffix in PICKLE_SUFFIXES and path.is_file():
-        raise CheckpointError(
-            f"{path}: pickle checkpoints are refused: unpickling can run arbitrary code. "
-            "Convert it to safetensors on a trusted machine first"
-        )
+    config = read_model_config(path)
+    check_memory(config, dtype, xp)
     if path.suffix == ".gguf":
         return _load_gguf(path, xp, dtype, progress)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: expected a checkpoint folder (config.json + *.safetensors) or a .gguf file")
-    refuse_pickle_only(path)  # before config.json: a folder of pickles is refused for what it is
-    config = load_config(path)
-    check_memory(config, dtype, xp)
     files = checkpoint_files(path)
     infos = read_all_headers(files)
     expected = parameter_shapes(config)
@@ -66,6 +56,31 @@ def load(path, backend: str = "numpy", dtype: str = "float32", progress: bool = 
     model.generation_config = generation_settings(read_generation_config(path), config)
     model.tokenizer_size = tokenizer_size(path / "tokenizer.json")
     return model
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    """The config of a checkpoint folder or .gguf file, read and checked without opening a weight
+    file (the CLI checks memory and context with it before loading anything).
+
+    Refuses, in this order: a pickle file; a path that does not exist or is neither a folder nor a
+    .gguf file; a folder holding only pickle checkpoints (before config.json, so that it is refused
+    for what it is); then whatever `load_config` finds wrong.
+    """
+    if path.suffix in PICKLE_SUFFIXES and path.is_file():
+        raise CheckpointError(
+            f"{path}: pickle checkpoints are refused: unpickling can run arbitrary code. "
+            "Convert it to safetensors on a trusted machine first"
+        )
+    if path.suffix == ".gguf":
+        from .gguf import read_gguf_config  # noqa: PLC0415
+
+        return config_from_dict(read_gguf_config(path), source=str(path))
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint folder (config.json + *.safetensors) or a .gguf file")
+    refuse_pickle_only(path)
+    return load_config(path)
 
 
 READ_THREADS = 4  # most threads reading tensors at once (`read_parameters`)
@@ -197,9 +212,8 @@ def resolve_model_path(path) -> Path:
 
 
 def _load_gguf(path: Path, xp, dtype, progress: bool) -> Model:
-    from .gguf import gguf_generation_config, read_gguf, read_gguf_checkpoint, read_gguf_config  # noqa: PLC0415
+    from .gguf import gguf_generation_config, read_gguf, read_gguf_checkpoint  # noqa: PLC0415
 
-    check_memory(config_from_dict(read_gguf_config(path), source=str(path)), dtype, xp)
     config_dict, tensors = read_gguf_checkpoint(path, progress=progress)
     config = config_from_dict(config_dict, source=str(path))
     expected = parameter_shapes(config)
