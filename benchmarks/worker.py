@@ -64,6 +64,29 @@ class Clock:
 
 
 # ---- minphi3 -----------------------------------------------------------------------------------
+def weights_stream_bandwidth(model, repeats: int = 3) -> float:
+    """GB/s at which NumPy streams this model's own decode weights, measured right after decoding.
+
+    One pass is `x @ W.T` (x: [1, in]) over every matrix a decode step reads, in the model's
+    order: each layer's projections, then the head (the embedding when tied). Best of `repeats`
+    passes. This is the decode bound of the run: what the machine's memory gives these very
+    weights at that moment. Measured in the same process a few seconds after the decode, it
+    follows the bandwidth a shared (virtual) machine gives over time, which a measurement
+    minutes apart does not.
+    """
+    config, params = model.config, model.params
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    matrices = [w for layer in model.layers for w in layer.values() if w.ndim == 2] + [params[head]]
+    inputs = {w.shape[1]: np.ones((1, w.shape[1]), dtype=w.dtype) for w in matrices}
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for weight in matrices:
+            inputs[weight.shape[1]] @ weight.T
+        seconds.append(time.perf_counter() - start)
+    return sum(w.nbytes for w in matrices) / min(seconds) / 1e9
+
+
 def run_minphi3(args) -> dict:
     import minphi3  # noqa: PLC0415
 
@@ -81,6 +104,8 @@ def run_minphi3(args) -> dict:
 
     report = {"load_seconds": load_seconds, "load_peak_rss": load_peak, "huge_pages_bytes": anon_huge_pages_bytes()}
     report.update(_timed_runs(generate, ids, args))
+    if args.backend == "numpy":
+        report["weights_stream_gbs"] = weights_stream_bandwidth(model)
     if args.profile:
         _profile(lambda: generate(ids, args.new_tokens), args.profile)
     if args.backend == "cupy":
@@ -151,6 +176,7 @@ def run_limits(args) -> dict:
 
     bandwidth = matvec_bandwidth()
     return {"bandwidth_gbs": bandwidth["best"], "bandwidth_by_shape": bandwidth["by_shape"],
+            "bandwidth_huge_pages": bandwidth["huge_pages"],
             "matmul_gflops": matmul_throughput(), "blas_kernel": blas_kernel()}
 
 
