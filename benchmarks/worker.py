@@ -64,27 +64,48 @@ class Clock:
 
 
 # ---- minphi3 -----------------------------------------------------------------------------------
-def weights_stream_bandwidth(model, repeats: int = 3) -> float:
-    """GB/s at which NumPy streams this model's own decode weights, measured right after decoding.
+PAIRS = 8  # decode steps paired with a pass of the weight stream (`paired_decode_fraction`)
 
-    One pass is `x @ W.T` (x: [1, in]) over every matrix a decode step reads, in the model's
-    order: each layer's projections, then the head (the embedding when tied). Best of `repeats`
-    passes. This is the decode bound of the run: what the machine's memory gives these very
-    weights at that moment. Measured in the same process a few seconds after the decode, it
-    follows the bandwidth a shared (virtual) machine gives over time, which a measurement
-    minutes apart does not.
-    """
-    config, params = model.config, model.params
-    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    matrices = [w for layer in model.layers for w in layer.values() if w.ndim == 2] + [params[head]]
+
+def decode_matrices(model) -> list:
+    """Every matrix a decode step reads, in the model's order: each layer's projections, then the
+    head (the embedding when tied)."""
+    head = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
+    return [w for layer in model.layers for w in layer.values() if w.ndim == 2] + [model.params[head]]
+
+
+def stream_seconds(matrices) -> float:
+    """Seconds of one pass of the pure weight stream: `x @ W.T` (x: [1, in]) over `matrices`, the
+    products a decode step runs, with nothing in between: the bound of that step."""
     inputs = {w.shape[1]: np.ones((1, w.shape[1]), dtype=w.dtype) for w in matrices}
-    seconds = []
-    for _ in range(repeats):
+    start = time.perf_counter()
+    for weight in matrices:
+        inputs[weight.shape[1]] @ weight.T
+    return time.perf_counter() - start
+
+
+def paired_decode_fraction(minphi3, model, sequence, cache, pairs: int = PAIRS) -> dict:
+    """decode/bound measured so that the machine's changing bandwidth cancels out.
+
+    `pairs` times, back to back: one greedy decode step (`generate` for one token, reusing the
+    cache), then one pass of the pure weight stream. On a shared virtual machine the memory
+    bandwidth moves by tens of percent within seconds, so a bound measured minutes (or even
+    seconds) away from the decode it bounds is not one; two measurements a fraction of a second
+    apart see the same machine. -> {"decode_fraction": median of stream / step seconds,
+    "weights_stream_gbs": median GB/s of the stream passes}
+    sequence: [1, length] ids whose first length - 1 are in `cache`.
+    """
+    matrices = decode_matrices(model)
+    stream_seconds(matrices)  # warm-up
+    fractions, rates = [], []
+    for _ in range(pairs):
         start = time.perf_counter()
-        for weight in matrices:
-            inputs[weight.shape[1]] @ weight.T
-        seconds.append(time.perf_counter() - start)
-    return sum(w.nbytes for w in matrices) / min(seconds) / 1e9
+        sequence = minphi3.generate(model, sequence, max_new_tokens=1, eos_token_id=[], cache=cache)
+        step = time.perf_counter() - start
+        stream = stream_seconds(matrices)
+        fractions.append(stream / step)
+        rates.append(sum(w.nbytes for w in matrices) / stream / 1e9)
+    return {"decode_fraction": float(np.median(fractions)), "weights_stream_gbs": float(np.median(rates))}
 
 
 def run_minphi3(args) -> dict:
@@ -96,16 +117,20 @@ def run_minphi3(args) -> dict:
     load_peak = peak_rss_bytes()
     ids = prompt_ids(model.config.vocab_size, args.prompt_tokens)
 
+    last = {}  # the last generation's output and cache, which `paired_decode_fraction` goes on from
+
     def generate(prompt, new_tokens):
         clock = Clock()
+        cache = model.new_cache(1, prompt.shape[1] + new_tokens + PAIRS)
         start = time.perf_counter()
-        out = minphi3.generate(model, prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
+        out = minphi3.generate(model, prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock, cache=cache)
+        last.update(sequence=out, cache=cache)
         return start, clock.times, out[0, prompt.shape[1]:]
 
     report = {"load_seconds": load_seconds, "load_peak_rss": load_peak, "huge_pages_bytes": anon_huge_pages_bytes()}
     report.update(_timed_runs(generate, ids, args))
     if args.backend == "numpy":
-        report["weights_stream_gbs"] = weights_stream_bandwidth(model)
+        report.update(paired_decode_fraction(minphi3, model, last["sequence"], last["cache"]))
     if args.profile:
         _profile(lambda: generate(ids, args.new_tokens), args.profile)
     if args.backend == "cupy":
