@@ -328,8 +328,9 @@ class Model:
         self.dtype = np.dtype(dtype)
         self.layers = [layer_parameters(params, i) for i in range(config.num_hidden_layers)]
         self.decoder_layer = DECODER_LAYERS[config.model_type]
-        # Filled in by `minphi3.load` when the checkpoint has them: generation_config.json's
-        # content, the folder it came from, and how many ids the tokenizer can produce.
+        # Filled in by `minphi3.load`: the generation defaults (generation_config.json alone when
+        # the checkpoint has one, else built from config.json, as transformers does), the folder
+        # or file it came from, and how many ids the tokenizer can produce.
         self.generation_config: dict = {}
         self.source = None
         self.tokenizer_size: int | None = None
