@@ -22,13 +22,18 @@ import time
 import numpy as np
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far (VmHWM), in bytes."""
+def status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status ("VmHWM", "VmRSS"), in bytes."""
     with open("/proc/self/status", encoding="ascii") as handle:
         for line in handle:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    return status_bytes("VmHWM")
 
 
 def anon_huge_pages_bytes() -> int:
@@ -249,11 +254,7 @@ def run_window_check(args) -> dict:
 
 def current_rss_bytes() -> int:
     """The process's resident memory now (VmRSS), in bytes."""
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return status_bytes("VmRSS")
 
 
 # ---- shared ------------------------------------------------------------------------------------

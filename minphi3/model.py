@@ -120,10 +120,10 @@ class StepContext:
     _mask: Any = field(default=_NOT_BUILT, repr=False)
 
     def keep(self, layer: int, arrays: dict) -> None:
-        """Record a layer's intermediate arrays as `layer.{layer}.{name}` when a trace was asked for
-        (`Model.__call__(trace=...)`, used by the parity report); otherwise do nothing."""
-        if self.trace is not None:
-            self.trace.update({f"layer.{layer}.{name}": array for name, array in arrays.items()})
+        """Record a layer's intermediate arrays in `trace` as `layer.{layer}.{name}`
+        (`Model.__call__(trace=...)`, used by the parity report). Callers test `trace is not None`
+        first, so that an ordinary forward pass builds none of these dicts."""
+        self.trace.update({f"layer.{layer}.{name}": array for name, array in arrays.items()})
 
     def mask(self, sliding_window: int | None):
         """The step's attention mask, bool [batch or 1, 1, seq, kv_seq], or None when every query
@@ -144,16 +144,19 @@ def self_attention(q, k, v, weights_out, bias_out, config, layer: int, step: Ste
     q: [batch, heads, seq, head_dim], k, v: [batch, kv_heads, seq, head_dim]
     -> out: [batch, seq, hidden], attention weights [batch, heads, seq, kv_seq] or None
     """
-    step.keep(layer, {"attn.q": q, "attn.k": k, "attn.v": v})
+    if step.trace is not None:
+        step.keep(layer, {"attn.q": q, "attn.k": k, "attn.v": v})
     q = apply_rope(q, step.cos, step.sin, config.rotary_dim)
     k = apply_rope(k, step.cos, step.sin, config.rotary_dim)
-    step.keep(layer, {"attn.q_rotated": q, "attn.k_rotated": k})
+    if step.trace is not None:
+        step.keep(layer, {"attn.q_rotated": q, "attn.k_rotated": k})
     if step.cache is not None:
         k, v, _key_index, _key_padding = step.cache.write(layer, step.slots, k, v)
     mask, scale = step.mask(config.sliding_window), config.head_dim**-0.5
     if step.output_attentions:
         out, weights = grouped_query_attention(q, k, v, mask, scale, return_weights=True)
-        step.keep(layer, {"attn.weights": weights})
+        if step.trace is not None:
+            step.keep(layer, {"attn.weights": weights})
     else:
         out, weights = attention_in_query_blocks(q, k, v, mask, scale), None
     return linear(merge_heads(out), weights_out, bias_out), weights
@@ -172,8 +175,9 @@ def phi3_decoder_layer(x, w: dict, config, layer: int, step: StepContext):
     residual = x + attended
     post_normed = rms_norm(residual, w["post_attention_layernorm.weight"], config.rms_norm_eps)
     feed_forward = gated_mlp(post_normed, w["mlp.gate_up_proj.weight"], w["mlp.down_proj.weight"])
-    step.keep(layer, {"input_norm": normed, "attn.output": attended, "residual": residual,
-                      "post_attention_norm": post_normed, "mlp.output": feed_forward})
+    if step.trace is not None:
+        step.keep(layer, {"input_norm": normed, "attn.output": attended, "residual": residual,
+                          "post_attention_norm": post_normed, "mlp.output": feed_forward})
     return residual + feed_forward, weights
 
 
@@ -197,7 +201,8 @@ def phi_decoder_layer(x, w: dict, config, layer: int, step: StepContext):
         q, k, v, w["self_attn.dense.weight"], w["self_attn.dense.bias"], config, layer, step
     )
     feed_forward = gelu_mlp(normed, w["mlp.fc1.weight"], w["mlp.fc1.bias"], w["mlp.fc2.weight"], w["mlp.fc2.bias"])
-    step.keep(layer, {"input_norm": normed, "attn.output": attended, "mlp.output": feed_forward})
+    if step.trace is not None:
+        step.keep(layer, {"input_norm": normed, "attn.output": attended, "mlp.output": feed_forward})
     return attended + feed_forward + x, weights
 
 

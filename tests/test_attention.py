@@ -15,9 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from tiny_checkpoints import spy_on_attention_blocks
 from transformers.models.phi3 import modeling_phi3
 
-import minphi3.attention
 from minphi3.attention import (
     QUERY_BLOCK,
     attention_in_query_blocks,
@@ -379,14 +379,7 @@ def test_blocked_attention_equals_unblocked(monkeypatch, seq, past, pads, window
     unseen = ~mask.any(axis=-1)  # [batch, 1, seq]: queries that see no key
     assert unseen.any() == any(p > past for p in pads)
     whole, _ = grouped_query_attention(q, k, v, mask, 0.35)
-    calls = []
-    original = minphi3.attention.grouped_query_attention
-
-    def spy(q_block, k_block, v_block, block_mask, scale, return_weights=False):
-        calls.append((q_block.shape[2], k_block.shape[2]))
-        return original(q_block, k_block, v_block, block_mask, scale, return_weights)
-
-    monkeypatch.setattr(minphi3.attention, "grouped_query_attention", spy)
+    calls = spy_on_attention_blocks(monkeypatch)
     blocked = attention_in_query_blocks(q, k, v, mask, 0.35, block=block)
     monkeypatch.undo()
     assert [rows for rows, _ in calls] == [min(block, seq - start) for start in range(0, seq, block)]
@@ -406,11 +399,10 @@ def test_blocked_attention_equals_unblocked(monkeypatch, seq, past, pads, window
 def test_short_or_unmasked_attention_is_not_blocked(monkeypatch):
     """seq <= block, or no mask at all (every key visible): one call, the whole thing."""
     q, k, v, mask = _blocked_case(64, 0, (0, 10), None)
-    calls = []
-    original = minphi3.attention.grouped_query_attention
-    monkeypatch.setattr(minphi3.attention, "grouped_query_attention",
-                        lambda *args, **kwargs: calls.append(args[0].shape[2]) or original(*args, **kwargs))
-    np.testing.assert_array_equal(attention_in_query_blocks(q, k, v, mask, 0.5), original(q, k, v, mask, 0.5)[0])
-    q, k, v, _ = _blocked_case(100, 0, (0,), None)
-    np.testing.assert_array_equal(attention_in_query_blocks(q, k, v, None, 0.5), original(q, k, v, None, 0.5)[0])
-    assert calls == [64, 100]
+    whole_short = grouped_query_attention(q, k, v, mask, 0.5)[0]
+    q_long, k_long, v_long, _ = _blocked_case(100, 0, (0,), None)
+    whole_long = grouped_query_attention(q_long, k_long, v_long, None, 0.5)[0]
+    calls = spy_on_attention_blocks(monkeypatch)
+    np.testing.assert_array_equal(attention_in_query_blocks(q, k, v, mask, 0.5), whole_short)
+    np.testing.assert_array_equal(attention_in_query_blocks(q_long, k_long, v_long, None, 0.5), whole_long)
+    assert [queries for queries, _ in calls] == [64, 100]

@@ -25,10 +25,10 @@ from tiny_checkpoints import (
     oracle_forward,
     random_ids,
     save_tiny,
+    spy_on_attention_blocks,
 )
 
 import minphi3
-import minphi3.attention
 from minphi3.attention import QUERY_BLOCK
 from minphi3.rope import use_long_factors
 
@@ -251,14 +251,7 @@ def test_prefill_in_query_blocks_matches_transformers(long_zoo, monkeypatch, nam
     if name == "longrope":  # positions past original_max: the long factors are in use
         assert use_long_factors(LONG_SEQ - 1, config.original_max_position_embeddings)
     ids, mask = _long_inputs(name)
-    blocks = []
-    unblocked = minphi3.attention.grouped_query_attention
-
-    def spy(q, k, v, block_mask, scale, return_weights=False):
-        blocks.append((q.shape[2], k.shape[2]))
-        return unblocked(q, k, v, block_mask, scale, return_weights)
-
-    monkeypatch.setattr(minphi3.attention, "grouped_query_attention", spy)
+    blocks = spy_on_attention_blocks(monkeypatch)
     ours = _logits(model(ids, attention_mask=mask))
     monkeypatch.undo()
     # The blocked route really ran: 64 + 64 + 22 queries in every layer.

@@ -265,3 +265,20 @@ def save_tiny_tokenizer(folder, vocab_size: int = 300):
     end_id = tokenizer.token_to_id("<|im_end|>")
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_id]}))
     return folder
+
+
+def spy_on_attention_blocks(monkeypatch) -> list:
+    """Record each call of `minphi3.attention.grouped_query_attention` as (queries, keys) it got:
+    how `attention_in_query_blocks` cut a prefill. -> the list the calls are appended to (undo
+    with monkeypatch.undo())."""
+    import minphi3.attention  # noqa: PLC0415
+
+    calls = []
+    original = minphi3.attention.grouped_query_attention
+
+    def spy(q, k, v, mask, scale, return_weights=False):
+        calls.append((q.shape[2], k.shape[2]))
+        return original(q, k, v, mask, scale, return_weights)
+
+    monkeypatch.setattr(minphi3.attention, "grouped_query_attention", spy)
+    return calls
