@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_module, compute_dtype
+from .backend import array_module, compute_dtype, matmul
 from .ops import softmax
 
 
@@ -86,14 +86,14 @@ def grouped_query_attention(q, k, v, mask, scale: float, return_weights: bool = 
     kv_heads, kv_seq = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     q_grouped = q.reshape(batch, kv_heads, groups * seq, head_dim)
-    scores = (q_grouped @ k.transpose(0, 1, 3, 2)).reshape(batch, heads, seq, kv_seq)
+    scores = matmul(q_grouped, k.transpose(0, 1, 3, 2)).reshape(batch, heads, seq, kv_seq)
     scores *= scale
     lowest = np.finfo(scores.dtype).min
     scores = scores.astype(compute_dtype(scores.dtype), copy=False)
     if mask is not None:
         xp.copyto(scores, lowest, where=~mask)
     weights = softmax(scores).astype(v.dtype, copy=False)
-    out = (weights.reshape(batch, kv_heads, groups * seq, kv_seq) @ v).reshape(batch, heads, seq, head_dim)
+    out = matmul(weights.reshape(batch, kv_heads, groups * seq, kv_seq), v).reshape(batch, heads, seq, head_dim)
     return out, (weights if return_weights else None)
 
 

@@ -208,3 +208,278 @@ def to_device(x, xp):
 def is_host_array(x) -> bool:
     """True when `x` lives in host memory (NumPy), so a file reader may fill it in place."""
     return array_module(x) is np
+
+
+# ---- matrix products that a CUDA graph can record ---------------------------------------------
+def matmul(a, b):
+    """a @ b, on either backend. a: [..., m, k], b: [..., k, n] -> [..., m, n]
+
+    This is `a @ b` everywhere but in one place: while CuPy records a CUDA graph
+    (`StepReplay`). CuPy refuses to call cuBLAS during stream capture (`NotImplementedError:
+    calling cuBLAS API during stream capture is currently unsupported`, cupy#6290), although
+    cuBLAS itself supports it; there the product is handed to cuBLAS's strided-batched GEMM
+    directly (`_capturable_matmul`), the same library routine CuPy's `@` ends in.
+    """
+    if array_module(a) is np or not _stream_is_capturing():
+        return a @ b
+    return _capturable_matmul(a, b)
+
+
+def _stream_is_capturing() -> bool:
+    import cupy  # noqa: PLC0415
+
+    return cupy.cuda.get_current_stream().is_capturing()
+
+
+# cuBLAS and CUDA enums (cublas_api.h, library_types.h)
+_CUBLAS_OP = {"N": 0, "T": 1}
+_CUDA_DATA_TYPE = {"float16": 2, "float32": 0, "float64": 1}
+_CUBLAS_COMPUTE = {"float16": 68, "float32": 68, "float64": 70}  # 32F accumulation for float16, as CuPy
+_CUBLAS_GEMM_DEFAULT = -1
+_CUBLAS_POINTER_MODE_HOST = 0
+
+
+def matrix_operand(rows: int, cols: int, row_stride: int, col_stride: int):
+    """How cuBLAS (column-major) reads the transpose of a row-major matrix X [rows, cols] whose
+    element X[i, j] sits at i * row_stride + j * col_stride (strides in elements).
+
+    -> (op, ld) with op(Y) = X^T for the column-major matrix Y stored with leading dimension ld,
+    or None when neither stride is 1 (the caller copies X into a contiguous array first).
+    col_stride == 1: memory is X^T column-major (cols x rows, ld = row_stride), op "N".
+    row_stride == 1: memory is X column-major (rows x cols, ld = col_stride), op "T".
+    A leading dimension is only read between columns, so with a single column any ld >= the
+    column's length will do (cuBLAS requires ld >= max(1, length)).
+    """
+    if col_stride == 1 and (row_stride >= cols or rows == 1):
+        return "N", max(row_stride, cols, 1)
+    if row_stride == 1 and (col_stride >= rows or cols == 1):
+        return "T", max(col_stride, rows, 1)
+    return None
+
+
+def batch_stride(shape, strides):
+    """One stride that walks every matrix of the batch dims `shape` (with `strides`, in elements)
+    in row-major order, or None when they are not evenly spaced. Size-1 dims are ignored; a
+    broadcast (stride 0) batch has stride 0."""
+    dims = [(size, stride) for size, stride in zip(shape, strides, strict=True) if size != 1]
+    if not dims:
+        return 0
+    for (_, outer), (inner_size, inner) in zip(dims[:-1], dims[1:], strict=True):
+        if outer != inner * inner_size:
+            return None
+    return dims[-1][1]
+
+
+def gemm_plan(a_shape, a_strides, b_shape, b_strides):
+    """The cuBLAS strided-batched GEMM that computes C = a @ b into a new contiguous C.
+
+    a_shape: (..., m, k), b_shape: (..., k, n) with batch dims already broadcast to one shape;
+    strides in elements. -> dict of cuBLAS arguments, or None when an operand's layout is not one
+    cuBLAS reads (then it is made contiguous and planned again).
+    Row-major C [m, n] is column-major C^T [n, m] (ldc = n), so cuBLAS computes
+    C^T = b^T a^T: its first operand is b^T (n x k), its second a^T (k x m).
+    """
+    *batch, m, k = a_shape
+    n = b_shape[-1]
+    first = matrix_operand(k, n, b_strides[-2], b_strides[-1])
+    second = matrix_operand(m, k, a_strides[-2], a_strides[-1])
+    stride_b, stride_a = batch_stride(batch, b_strides[:-2]), batch_stride(batch, a_strides[:-2])
+    if first is None or second is None or stride_a is None or stride_b is None:
+        return None
+    return {
+        "transa": first[0], "transb": second[0], "m": n, "n": m, "k": k,
+        "lda": first[1], "stride_a": stride_b, "ldb": second[1], "stride_b": stride_a,
+        "ldc": n, "stride_c": m * n, "batch": int(np.prod(batch, dtype=np.int64)),
+    }  # fmt: skip
+
+
+def _capturable_matmul(a, b):
+    """a @ b through cuBLAS's strided-batched GEMM called directly, so that a CUDA graph records
+    it (see `matmul`). Shapes as in `matmul`; float16, float32 or float64 operands."""
+    import cupy  # noqa: PLC0415
+
+    dtype = np.result_type(a.dtype, b.dtype)
+    a, b = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+    if a.ndim == 1 or b.ndim == 1:
+        return a @ b  # not used by minphi3; cuBLAS raises the usual error
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = cupy.broadcast_to(a, (*batch, *a.shape[-2:]))
+    b = cupy.broadcast_to(b, (*batch, *b.shape[-2:]))
+    plan = gemm_plan(a.shape, _element_strides(a), b.shape, _element_strides(b))
+    if plan is None:
+        a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
+        plan = gemm_plan(a.shape, _element_strides(a), b.shape, _element_strides(b))
+    out = cupy.empty((*batch, a.shape[-2], b.shape[-1]), dtype=dtype)
+    if out.size:
+        _cublas().gemm(plan, b, a, out, dtype.name)
+    return out
+
+
+def _element_strides(x) -> tuple[int, ...]:
+    return tuple(stride // x.itemsize for stride in x.strides)
+
+
+class _CublasForCapture:
+    """cuBLAS's GEMM through ctypes, on CuPy's own cuBLAS handle and library.
+
+    The handle is set to the current (capturing) stream, with a workspace that lives as long as
+    this object, so cuBLAS allocates nothing while the graph is recorded (cuBLAS documentation,
+    "CUDA Graphs Support").
+    """
+
+    WORKSPACE_BYTES = 32 << 20
+
+    def __init__(self):
+        import ctypes  # noqa: PLC0415
+
+        import cupy  # noqa: PLC0415
+
+        self.ctypes = ctypes
+        self.library = ctypes.CDLL(_loaded_library("libcublas.so"))
+        self.handle = cupy.cuda.Device().cublas_handle  # CuPy's handle on the current device
+        with cupy.cuda.Stream.null:  # allocated outside any capture, kept for every graph
+            self.workspace = cupy.empty(self.WORKSPACE_BYTES, dtype=np.uint8)
+        p, i, ll, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_size_t
+        self.library.cublasSetStream_v2.argtypes = [p, p]
+        self.library.cublasSetWorkspace_v2.argtypes = [p, p, size]
+        self.library.cublasSetPointerMode_v2.argtypes = [p, i]
+        self.library.cublasGemmStridedBatchedEx.argtypes = [
+            p, i, i, i, i, i, p, p, i, i, ll, p, i, i, ll, p, p, i, i, ll, i, i, i,
+        ]
+
+    def _check(self, status: int, call: str) -> None:
+        if status != 0:
+            raise BackendError(f"cuBLAS {call} failed with status {status} while recording a CUDA graph")
+
+    def gemm(self, plan: dict, first, second, out, dtype: str) -> None:
+        """out = first-operand x second-operand as `plan` (from `gemm_plan`) says, on the current stream."""
+        import cupy  # noqa: PLC0415
+
+        ctypes, library = self.ctypes, self.library
+        stream = cupy.cuda.get_current_stream().ptr
+        self._check(library.cublasSetStream_v2(self.handle, stream), "cublasSetStream")
+        self._check(library.cublasSetWorkspace_v2(self.handle, self.workspace.data.ptr, self.WORKSPACE_BYTES),
+                    "cublasSetWorkspace")  # fmt: skip
+        self._check(library.cublasSetPointerMode_v2(self.handle, _CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode")
+        scalar = ctypes.c_double if dtype == "float64" else ctypes.c_float
+        alpha, beta = scalar(1.0), scalar(0.0)
+        kind = _CUDA_DATA_TYPE[dtype]
+        status = library.cublasGemmStridedBatchedEx(
+            self.handle, _CUBLAS_OP[plan["transa"]], _CUBLAS_OP[plan["transb"]],
+            plan["m"], plan["n"], plan["k"], ctypes.addressof(alpha),
+            first.data.ptr, kind, plan["lda"], plan["stride_a"],
+            second.data.ptr, kind, plan["ldb"], plan["stride_b"],
+            ctypes.addressof(beta), out.data.ptr, kind, plan["ldc"], plan["stride_c"],
+            plan["batch"], _CUBLAS_COMPUTE[dtype], _CUBLAS_GEMM_DEFAULT,
+        )  # fmt: skip
+        self._check(status, "cublasGemmStridedBatchedEx")
+
+
+_CUBLAS = []
+
+
+def _cublas() -> _CublasForCapture:
+    if not _CUBLAS:
+        _CUBLAS.append(_CublasForCapture())
+    return _CUBLAS[0]
+
+
+def _loaded_library(prefix: str) -> str:
+    """The path of the shared library named `prefix`* that this process has loaded (CuPy loads
+    its cuBLAS on the first product), from /proc/self/maps; else the bare name for dlopen."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            for line in maps:
+                path = line.split()[-1] if line.strip() else ""
+                if path.rsplit("/", 1)[-1].startswith(prefix):
+                    return path
+    except OSError:
+        pass
+    return prefix
+
+
+# ---- replaying a step as a CUDA graph ----------------------------------------------------------
+def records_graphs(xp) -> bool:
+    """Whether the backend can record a step once and replay it (CuPy: CUDA graphs; NumPy: no,
+    a call there costs no launch)."""
+    return xp is not np
+
+
+class StepReplay:
+    """Runs `step()` once per call, and on the GPU replays it as one CUDA graph.
+
+    `step` takes no arguments and returns an array; it must read and write only arrays that
+    stay at fixed addresses between calls, and do device work alone (no value read back to the
+    host, no host-to-device copy), so that what changes between calls lives in those arrays.
+    NumPy: every call calls `step`. CuPy (`capture=True`): the first call runs it, which compiles
+    its kernels and fills the memory pool; the second records it on a private stream into a
+    private memory pool (so nothing else is ever handed the graph's scratch memory) and launches
+    the graph; every later call launches the graph again: one launch instead of one per kernel.
+    Each call returns the same array then, overwritten in place: read it before the next call.
+    If recording fails, the step keeps running eagerly and `graph_error` says why.
+    """
+
+    def __init__(self, step, xp, capture: bool = True):
+        self.step = step
+        self.xp = xp
+        self.capture = capture and records_graphs(xp)
+        self.calls = 0
+        self.launches = 0  # calls served by the recorded graph
+        self.graph = None
+        self.graph_error: str | None = None
+        self._pool = None
+        self._result = None
+
+    @property
+    def replaying(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self):
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.launch(stream=self.xp.cuda.get_current_stream())
+            self.launches += 1
+            return self._result
+        if not self.capture or self.calls == 1 or self.graph_error is not None:
+            return self.step()
+        return self._record_and_launch()
+
+    def _record_and_launch(self):
+        cupy = self.xp
+        pool = cupy.cuda.MemoryPool()
+        stream = cupy.cuda.Stream(non_blocking=True)
+        current = cupy.cuda.get_current_stream()
+        stream.wait_event(current.record())
+        try:
+            _cublas()  # finds cuBLAS and allocates its workspace before the recording starts
+        except Exception as exc:  # no cuBLAS library to call: keep running eagerly
+            self.graph_error = f"{type(exc).__name__}: {exc}"
+            return self.step()
+        result, graph = None, None
+        with cupy.cuda.using_allocator(pool.malloc), stream:
+            stream.begin_capture()
+            try:
+                result = self.step()
+            except Exception as exc:  # a step that reads a value back, or a library that refuses capture
+                self.graph_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                try:
+                    graph = stream.end_capture()
+                except Exception as exc:
+                    self.graph_error = self.graph_error or f"{type(exc).__name__}: {exc}"
+                    graph = None
+        if self.graph_error is not None:
+            return self.step()
+        self.graph, self._pool, self._result = graph, pool, result
+        self.graph.launch(stream=current)
+        self.launches += 1
+        return self._result
+
+
+def copy_from_host(target, source: np.ndarray) -> None:
+    """Write host array `source` into `target` in place (same shape), keeping target's address:
+    a plain assignment for NumPy, one host-to-device copy for CuPy."""
+    if is_host_array(target):
+        target[...] = source
+    else:
+        target.set(np.ascontiguousarray(source, dtype=target.dtype))

@@ -57,6 +57,7 @@ class KVCache:
         self.length = 0
         self.long_rope = False  # whether the cached keys were rotated with LongRoPE's long factors
         self._run = None  # (start, stop) of this step's slots when they do not wrap around
+        self._attended = 0  # how many leading slots this step's attention reads
         self._allocate(max(int(capacity), 1))
 
     # ---- storage ----------------------------------------------------------------------------
@@ -106,6 +107,13 @@ class KVCache:
         self.length = length
         return True
 
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` tokens in a cache without a window (one move, if smaller),
+        so that one-token steps never resize it: the fixed decode step writes slot index %
+        capacity and would otherwise wrap around. A window's rolling buffer needs no room."""
+        if self.sliding_window is None and capacity > self.capacity:
+            self._resize(int(capacity))
+
     def _resize(self, capacity: int):
         """Move to a buffer of another capacity, keeping the newest tokens at slot = index % capacity."""
         xp = self.xp
@@ -140,9 +148,28 @@ class KVCache:
         # Decided here, with host integers: `write` then needs no value from the device.
         first = self.length % self.capacity
         self._run = (first, first + num_new) if first + num_new <= self.capacity else None
+        self._attended = self.used_slots(num_new)
         self.slot_index[slots] = query_index
         self.key_padding[:, slots] = True if new_padding is None else new_padding
         return slots, query_index
+
+    def begin_fixed_step(self, index):
+        """Reserve the slot of one new token per row, from device values alone, and attend over
+        every slot: the form of a decode step whose shapes and addresses never change, so that a
+        CUDA graph can replay it (`minphi3.decode`).
+
+        index: [1] int64 array on the cache's backend, the new token's absolute index (the
+        host's `length`, kept on the device). -> slots: [1] its slot (index % capacity).
+        Empty slots (slot_index -1) and slots a window hides are masked, not skipped, so the
+        step attends over `capacity` keys whatever the length. The caller advances `length`
+        (`end_step(1)`), since a replayed graph runs no Python.
+        """
+        slots = index % self.capacity
+        self._run = None
+        self._attended = self.capacity
+        self.slot_index[slots] = index
+        self.key_padding[:, slots] = True
+        return slots
 
     def write(self, layer: int, slots, keys, values):
         """Store one layer's new keys and values. keys, values: [batch, kv_heads, num_new, head_dim].
@@ -162,7 +189,7 @@ class KVCache:
         else:
             cache.keys[..., slots] = keys_t
             cache.values[:, :, slots] = values
-        used = self.used_slots(int(slots.shape[0]))
+        used = self._attended
         keys_used = cache.keys[..., :used].transpose(0, 1, 3, 2)  # a view: [batch, kv_heads, used, head_dim]
         return keys_used, cache.values[:, :, :used], self.slot_index[:used], self.key_padding[:, :used]
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import to_device, to_numpy
+from .backend import records_graphs, to_device, to_numpy
 from .cache import KVCache
+from .decode import FixedDecodeStep
 from .errors import GenerationError
 from .loading import check_cache_memory
 from .model import check_token_ids
@@ -39,6 +40,9 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     step_seconds: list = field(default_factory=list)
+    fixed_steps: int = 0  # one-token steps run by the fixed-shape step (minphi3/decode.py)
+    graph_launches: int = 0  # of those, how many a recorded CUDA graph ran
+    graph_error: str | None = None  # why recording a CUDA graph failed, if it did
 
     @property
     def tokens_per_second(self) -> float:
@@ -110,6 +114,7 @@ def generate(
     pad_token_id: int | None = None,
     cache: KVCache | None = None,
     stats: GenerationStats | None = None,
+    cuda_graph: bool | None = None,
 ) -> np.ndarray:
     """Continue each row of `input_ids`; -> host int64 [batch, prompt + new] like transformers.
 
@@ -121,6 +126,9 @@ def generate(
     of new ids at each step. cache: an existing KVCache holding the first `cache.length` tokens of
     input_ids (a chat's earlier turns): only the rest is fed; the cache is left holding every
     token but the last generated one. stats: a GenerationStats to fill with counts and timings.
+    cuda_graph: how one-token steps run. None (default): on the GPU as a recorded CUDA graph,
+    on the CPU as ordinary model calls. True: through the fixed-shape step of minphi3/decode.py
+    (recorded on the GPU; on the CPU the same step, unrecorded). False: ordinary model calls.
     """
     ids = check_token_ids(input_ids, model.config.vocab_size)
     batch, prompt_length = ids.shape
@@ -149,28 +157,40 @@ def generate(
     positions[:, :prompt_length] = prompt_positions(mask)
     unfinished = np.ones(batch, dtype=bool)
     length = prompt_length
+    fixed_steps = records_graphs(model.xp) if cuda_graph is None else bool(cuda_graph)
+    if fixed_steps:
+        cache.reserve(prompt_length + max_new_tokens)
+    fixed: FixedDecodeStep | None = None
+    penalized = repetition_penalty is not None and repetition_penalty != 1.0
 
     for _ in range(max_new_tokens):
         step_start = time.perf_counter()
         fed_from = _first_uncached(model, cache, positions[:, :length], length)
-        out = model(
-            sequences[:, fed_from:length],
-            attention_mask=full_mask[:, :length],
-            position_ids=positions[:, fed_from:length],
-            logits_to_keep=1,
-            cache=cache,
-        )
-        scores = out.logits[:, -1, :]
+        if fixed_steps and fed_from == length - 1:
+            last_positions = positions[:, length - 1]
+            if fixed is None or not fixed.fits(cache, int(last_positions.max())):
+                _count_fixed_steps(stats, fixed)
+                fixed = FixedDecodeStep(model, cache, prompt_length + max_new_tokens, int(last_positions.max()))
+            scores = fixed(sequences[:, length - 1], last_positions, cache.length)
+        else:
+            out = model(
+                sequences[:, fed_from:length],
+                attention_mask=full_mask[:, :length],
+                position_ids=positions[:, fed_from:length],
+                logits_to_keep=1,
+                cache=cache,
+            )
+            scores = out.logits[:, -1, :]
         scores = process_scores(
             scores,
-            to_device(sequences[:, :length], model.xp),
+            to_device(sequences[:, :length], model.xp) if penalized else None,
             do_sample=do_sample,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
             min_p=min_p,
             repetition_penalty=repetition_penalty,
-            context_mask=to_device(full_mask[:, :length], model.xp),
+            context_mask=to_device(full_mask[:, :length], model.xp) if penalized else None,
             producible_vocab_size=model.tokenizer_size,
         )
         next_ids = to_numpy(select_next_tokens(scores, do_sample, rng)).astype(np.int64)
@@ -184,12 +204,20 @@ def generate(
         stats.step_seconds.append(time.perf_counter() - step_start)
         if not unfinished.any():
             break
+    _count_fixed_steps(stats, fixed)
     stats.new_tokens = length - prompt_length
     stats.prefill_seconds = stats.step_seconds[0]
     stats.decode_seconds = sum(stats.step_seconds[1:])
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
     return sequences[:, :length]
+
+
+def _count_fixed_steps(stats: GenerationStats, fixed: FixedDecodeStep | None) -> None:
+    if fixed is not None:
+        stats.fixed_steps += fixed.replay.calls
+        stats.graph_launches += fixed.replay.launches
+        stats.graph_error = stats.graph_error or fixed.replay.graph_error
 
 
 def _first_uncached(model, cache: KVCache, positions: np.ndarray, length: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import array_module, compute_dtype
+from .backend import array_module, compute_dtype, matmul
 
 
 def linear(x, weight, bias=None):
@@ -17,8 +17,9 @@ def linear(x, weight, bias=None):
 
     x: [..., in], weight: [out, in], bias: [out] or None -> [..., out]
     `weight.T` is a view: the BLAS call reads the stored rows directly, no copy is made.
+    (`matmul` is `@`, in a form a CUDA graph can record: see minphi3/backend.py.)
     """
-    y = x @ weight.T
+    y = matmul(x, weight.T)
     if bias is not None:
         y += bias
     return y

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from tiny_checkpoints import matmul_layouts
 
 import minphi3
 from minphi3.backend import (
@@ -54,3 +55,76 @@ def test_cupy_request_without_a_gpu_is_a_clear_error(tmp_path):
         get_array_module("cupy")
     with pytest.raises(minphi3.BackendError):
         minphi3.load(tmp_path, backend="cupy")
+
+
+# ---- the GEMM plan that replaces `@` while a CUDA graph records ---------------------------------
+def reachable_memory(x: np.ndarray) -> np.ndarray:
+    """The elements from x's first element to its last, as one flat copy (strides are >= 0 here)."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.strides, strict=True)) // x.itemsize
+    return np.lib.stride_tricks.as_strided(x, shape=(span,), strides=(x.itemsize,)).copy()
+
+
+def cublas_gemm_strided_batched(plan, first: np.ndarray, second: np.ndarray, out: np.ndarray) -> None:
+    """What cublasGemmStridedBatchedEx computes, by its documented definition, on the memory of
+    three NumPy arrays: for each batch i, C_i = op(A_i) op(B_i) (alpha 1, beta 0) where a
+    column-major matrix's element (r, c) sits at i * stride + r + c * ld. Reading or writing
+    outside an array's memory raises IndexError."""
+    m, n, k = plan["m"], plan["n"], plan["k"]
+    a_memory, b_memory = reachable_memory(first), reachable_memory(second)
+    c_memory = out.reshape(-1)  # out is contiguous
+
+    def offsets(start, rows, cols, ld):
+        return start + np.arange(rows)[:, None] + ld * np.arange(cols)[None, :]
+
+    a_rows, a_cols = (m, k) if plan["transa"] == "N" else (k, m)
+    b_rows, b_cols = (k, n) if plan["transb"] == "N" else (n, k)
+    assert plan["lda"] >= max(1, a_rows) and plan["ldb"] >= max(1, b_rows) and plan["ldc"] >= max(1, m)
+    for i in range(plan["batch"]):
+        a = a_memory.take(offsets(i * plan["stride_a"], a_rows, a_cols, plan["lda"]), mode="raise")
+        b = b_memory.take(offsets(i * plan["stride_b"], b_rows, b_cols, plan["ldb"]), mode="raise")
+        op_a = a if plan["transa"] == "N" else a.T
+        op_b = b if plan["transb"] == "N" else b.T
+        np.put(c_memory, offsets(i * plan["stride_c"], m, n, plan["ldc"]), op_a @ op_b, mode="raise")
+
+
+def planned_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b the way backend._capturable_matmul does it on the GPU, emulated on NumPy arrays."""
+    from minphi3.backend import _element_strides, gemm_plan
+
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = np.broadcast_to(a, (*batch, *a.shape[-2:]))
+    b = np.broadcast_to(b, (*batch, *b.shape[-2:]))
+    plan = gemm_plan(a.shape, _element_strides(a), b.shape, _element_strides(b))
+    if plan is None:
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        plan = gemm_plan(a.shape, _element_strides(a), b.shape, _element_strides(b))
+    out = np.full((*batch, a.shape[-2], b.shape[-1]), np.nan)
+    cublas_gemm_strided_batched(plan, b, a, out)
+    return out
+
+
+def test_the_gemm_plan_computes_a_at_b_for_every_layout():
+    rng = np.random.default_rng(0)
+    for name, a, b in matmul_layouts(rng):
+        np.testing.assert_allclose(planned_matmul(a, b), a @ b, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_the_gemm_plan_reads_the_cache_in_place():
+    """The decode step's products need no copy: the plan takes the views as they are."""
+    from minphi3.backend import _element_strides, gemm_plan
+
+    keys = np.zeros((1, 3, 4, 10))
+    q = np.zeros((1, 3, 1, 4))
+    assert gemm_plan(q.shape, _element_strides(q), keys.shape, _element_strides(keys)) is not None
+    weight = np.zeros((12, 8))
+    x = np.broadcast_to(np.zeros((1, 1, 8)), (1, 1, 8))
+    w = np.broadcast_to(weight.T, (1, 8, 12))
+    plan = gemm_plan(x.shape, _element_strides(x), w.shape, _element_strides(w))
+    assert plan["transa"] == "T" and plan["lda"] == 8 and plan["stride_a"] == 0
+
+
+def test_matmul_on_numpy_is_the_operator():
+    from minphi3.backend import matmul
+
+    a, b = np.arange(6.0).reshape(2, 3), np.arange(12.0).reshape(3, 4)
+    np.testing.assert_array_equal(matmul(a, b), a @ b)

@@ -2,14 +2,18 @@
 
 float32: the project's usual logits tolerance; float16: relative error under 1e-2 on the logits
 and equal greedy tokens over 32 steps on the demo model; generation equal token for token.
+On the GPU, `generate` runs one-token steps as a recorded CUDA graph by default: the tests check
+that the graph was recorded and replayed (GenerationStats), and that its products, recorded
+through cuBLAS directly (backend._capturable_matmul), equal CuPy's own.
 """
 
 import numpy as np
 import pytest
-from tiny_checkpoints import longrope_scaling, random_ids, save_tiny
+from tiny_checkpoints import longrope_scaling, matmul_layouts, random_ids, save_tiny
 
 import minphi3
-from minphi3.backend import cupy_available
+from minphi3.backend import StepReplay, cupy_available, matmul
+from minphi3.generate import GenerationStats
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,13 +47,56 @@ def test_cupy_logits_equal_numpy_float32(tmp_path, name):
         assert max_relative(minphi3.to_numpy(ours)[0], theirs[0]) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["mha", "window", "longrope"])
+def assert_graph_replayed(stats: GenerationStats):
+    """Every one-token step after the first of each fixed step was a graph launch."""
+    assert stats.graph_error is None, stats.graph_error
+    assert stats.fixed_steps > 0 and stats.graph_launches >= stats.fixed_steps - 2
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa", "window", "longrope", "partial_tied"])
 def test_cupy_generation_equals_numpy(tmp_path, name):
     folder = save_tiny(tmp_path / name, **CASES[name])
+    ids = random_ids(2, 8)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    cpu = minphi3.generate(minphi3.load(folder), ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[])
+    gpu_model = minphi3.load(folder, backend="cupy")
+    stats = GenerationStats()
+    graph = minphi3.generate(gpu_model, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], stats=stats)
+    np.testing.assert_array_equal(graph, cpu)
+    assert_graph_replayed(stats)
+    eager = minphi3.generate(gpu_model, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], cuda_graph=False)
+    np.testing.assert_array_equal(eager, cpu)
+
+
+def test_products_recorded_in_a_cuda_graph_equal_cupys():
+    import cupy
+
+    rng = np.random.default_rng(0)
+    for dtype, tolerance in (("float64", 1e-12), ("float32", 1e-5), ("float16", 2e-3)):
+        for name, a, b in matmul_layouts(rng, cupy, dtype):
+            expected = minphi3.to_numpy(a @ b).astype(np.float64)
+            replay = StepReplay(lambda a=a, b=b: matmul(a, b), cupy)
+            replay()  # the first call runs eagerly
+            recorded = minphi3.to_numpy(replay()).astype(np.float64)
+            assert replay.replaying, (name, replay.graph_error)
+            np.testing.assert_allclose(recorded, expected, rtol=tolerance, atol=tolerance, err_msg=f"{name} {dtype}")
+            a += 1  # the graph reads the arrays where they are: a replay sees new values
+            np.testing.assert_allclose(minphi3.to_numpy(replay()), minphi3.to_numpy(a @ b), rtol=tolerance,
+                                       atol=tolerance * 10, err_msg=f"{name} {dtype} after an update")  # fmt: skip
+
+
+def test_chat_turns_reuse_the_cache_with_the_graph(tmp_path):
+    folder = save_tiny(tmp_path / "m")
     ids = random_ids(1, 8)
-    cpu = minphi3.generate(minphi3.load(folder), ids, max_new_tokens=24, eos_token_id=[])
-    gpu = minphi3.generate(minphi3.load(folder, backend="cupy"), ids, max_new_tokens=24, eos_token_id=[])
-    np.testing.assert_array_equal(gpu, cpu)
+    gpu, cpu = minphi3.load(folder, backend="cupy"), minphi3.load(folder)
+    caches = {"gpu": gpu.new_cache(1, 8), "cpu": cpu.new_cache(1, 8)}
+    sequences = {"gpu": ids, "cpu": ids}
+    for turn in range(3):
+        for side, model in (("gpu", gpu), ("cpu", cpu)):
+            prompt = np.concatenate([sequences[side], random_ids(1, 4, seed=turn)], axis=1)
+            sequences[side] = minphi3.generate(model, prompt, max_new_tokens=10, eos_token_id=[], cache=caches[side])
+        np.testing.assert_array_equal(sequences["gpu"], sequences["cpu"])
 
 
 def test_seeded_sampling_on_the_gpu_repeats_and_matches_the_cpu(tmp_path):
@@ -78,8 +125,12 @@ def test_demo_model_float16_on_the_gpu(demo_folder):
     half = minphi3.to_numpy(gpu16([ids]).logits).astype(np.float32)
     assert max_relative(half, reference) < 1e-2
     greedy_cpu = minphi3.generate(cpu_model, [ids], max_new_tokens=32, eos_token_id=[])
-    greedy_gpu = minphi3.generate(gpu16, [ids], max_new_tokens=32, eos_token_id=[])
+    stats = GenerationStats()
+    greedy_gpu = minphi3.generate(gpu16, [ids], max_new_tokens=32, eos_token_id=[], stats=stats)
     np.testing.assert_array_equal(greedy_gpu, greedy_cpu)
+    assert_graph_replayed(stats)
+    np.testing.assert_array_equal(minphi3.generate(gpu16, [ids], max_new_tokens=32, eos_token_id=[], cuda_graph=False),
+                                  greedy_cpu)  # fmt: skip
 
 
 def test_demo_model_float32_on_the_gpu(demo_folder):

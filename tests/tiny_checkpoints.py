@@ -282,3 +282,27 @@ def spy_on_attention_blocks(monkeypatch) -> list:
 
     monkeypatch.setattr(minphi3.attention, "grouped_query_attention", spy)
     return calls
+
+
+def matmul_layouts(rng, xp=np, dtype="float64"):
+    """(name, a, b) for the products minphi3 makes (linear with W.T, q k^T against the transposed
+    key cache, weights @ values, prefill and decode shapes) and awkward views besides, as views
+    of arrays of module `xp` (the views are taken there, so a GPU test gets the same layouts)."""
+    def normal(*shape):
+        return xp.asarray(rng.normal(size=shape).astype(dtype))
+
+    x, weight = normal(2, 5, 8), normal(12, 8)
+    yield "linear", x, weight.T
+    yield "linear decode", x[:, -1:], weight.T
+    keys = normal(2, 3, 4, 10)  # [batch, kv_heads, head_dim, capacity], as the cache stores them
+    q = normal(2, 3, 6, 4)
+    yield "q k^T, used slots", q, keys[..., :7]
+    yield "q k^T, whole cache", q[:, :, :1], keys
+    values, weights = normal(2, 3, 10, 4), normal(2, 3, 6, 7)
+    yield "weights v", weights, values[:, :, :7]
+    yield "transposed both", normal(3, 6, 5).transpose(0, 2, 1), normal(3, 4, 6).transpose(0, 2, 1)
+    yield "strided rows", normal(4, 9)[::2], normal(9, 6)
+    yield "strided columns", normal(4, 18)[:, ::2], normal(9, 6)
+    yield "broadcast batch", normal(1, 4, 3), normal(5, 3, 2)
+    yield "permuted batch", normal(3, 2, 4, 5).transpose(1, 0, 2, 3), normal(2, 3, 5, 6)
+    yield "one row", normal(1, 6), normal(6, 1)
