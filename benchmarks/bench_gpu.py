@@ -4,7 +4,9 @@
     python benchmarks/bench_gpu.py --quick    # demo model only, fewer rounds
 
 The same measurements and table as benchmarks/bench_cpu.py (each run a fresh process through
-`worker.py --backend cupy`, alternating the two frameworks, medians), with the GPU's own limit
+`worker.py --backend cupy`, alternating the two frameworks, medians), plus a row of minphi3 with
+its one-token steps launched kernel by kernel (`generate(cuda_graph=False)`, timed in the same
+processes), which is what the CUDA graph of the decode step saves; with the GPU's own limit
 measured in the same run with CuPy: device-to-device copy bandwidth (bytes read + bytes written
 per second) and float16 matrix-matrix throughput. Decode bound: bandwidth / bytes of float16
 weights read per token; prefill bound: GFLOP/s / (2 x parameters of the layers' projections).
@@ -85,6 +87,16 @@ def device_limits(nbytes: int = 2 << 30, repeats: int = 10) -> dict:
 GPU_COLUMNS = [column for column in TABLE_COLUMNS if column[0] not in ("peak/(weights+cache)", "load peak/weights")]
 
 
+def eager_row(name: str, data: dict, limits: dict, args) -> dict:
+    """minphi3's row for the generations timed with `cuda_graph=False` in the same processes."""
+    eager = [{**report, **report["eager"]} for report in data["runs"]["minphi3"] if "eager" in report]
+    runs = {"minphi3": eager or [{"error": "no eager timings"}], "transformers": data["runs"]["transformers"]}
+    row = summarize(name, runs, data["figures"], limits, args.prompt_tokens, args.new_tokens,
+                    memory_key="device_peak_bytes")[0]  # fmt: skip
+    row["framework"] = "minphi3, no CUDA graph"
+    return row
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="demo model only, 2 rounds")
@@ -103,7 +115,7 @@ def main(argv=None) -> None:
     machine = {**machine_info(), **gpu_info()}
     limit_runs = [device_limits()]
     rounds = 2 if args.quick else args.rounds
-    worker_args = ["--backend", "cupy", "--dtype", "float16", "--repeats", str(args.repeats),
+    worker_args = ["--backend", "cupy", "--dtype", "float16", "--repeats", str(args.repeats), "--compare-eager",
                    "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]  # fmt: skip
     all_runs = {}
     for name, path in models(args.models or (["demo"] if args.quick else ["demo", "phi3-mini"])).items():
@@ -117,6 +129,11 @@ def main(argv=None) -> None:
     for name, data in all_runs.items():
         rows += summarize(name, data["runs"], data["figures"], limits, args.prompt_tokens, args.new_tokens,
                           memory_key="device_peak_bytes")
+        rows.insert(len(rows) - 1, eager_row(name, data, limits, args))
+        for report in data["runs"]["minphi3"]:
+            path = report.get("decode_path", {})
+            if path.get("graph_error") or not path.get("graph_launches"):
+                print(f"  {name}: the decode step ran without a CUDA graph: {path}", file=sys.stderr)
     print()
     print(f"{machine['gpu']} ({machine['gpu_memory_gib']} GiB); float16, eager; prompt {args.prompt_tokens}, "
           f"{args.new_tokens} new tokens (greedy)")

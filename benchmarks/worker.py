@@ -122,18 +122,26 @@ def run_minphi3(args) -> dict:
     load_peak = peak_rss_bytes()
     ids = prompt_ids(model.config.vocab_size, args.prompt_tokens)
 
-    last = {}  # the last generation's output and cache, which `paired_decode_fraction` goes on from
+    last = {}  # the last generation's output, cache and stats; `paired_decode_fraction` goes on from them
 
-    def generate(prompt, new_tokens):
+    def generate(prompt, new_tokens, cuda_graph=None):
         clock = Clock()
         cache = model.new_cache(1, prompt.shape[1] + new_tokens + PAIRS)
+        stats = minphi3.GenerationStats()
         start = time.perf_counter()
-        out = minphi3.generate(model, prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock, cache=cache)
-        last.update(sequence=out, cache=cache)
+        out = minphi3.generate(model, prompt, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock, cache=cache,
+                               stats=stats, cuda_graph=cuda_graph)  # fmt: skip
+        last.update(sequence=out, cache=cache, stats=stats)
         return start, clock.times, out[0, prompt.shape[1]:]
 
     report = {"load_seconds": load_seconds, "load_peak_rss": load_peak, "huge_pages_bytes": anon_huge_pages_bytes()}
     report.update(_timed_runs(generate, ids, args))
+    stats = last["stats"]
+    report["decode_path"] = {"fixed_steps": stats.fixed_steps, "graph_launches": stats.graph_launches,
+                             "graph_error": stats.graph_error}  # fmt: skip
+    if args.backend == "cupy" and args.compare_eager:
+        # The same generations with every one-token step launched kernel by kernel: what the graph saves.
+        report["eager"] = _timed_runs(lambda prompt, new_tokens: generate(prompt, new_tokens, cuda_graph=False), ids, args)
     if args.backend == "numpy":
         report.update(paired_decode_fraction(minphi3, model, last["sequence"], last["cache"]))
     if args.profile:
@@ -303,6 +311,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed generations in this process")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", help="minphi3: write a cProfile of one more generation here")
+    parser.add_argument("--compare-eager", action="store_true",
+                        help="minphi3 on cupy: also time the generations without a CUDA graph")
     args = parser.parse_args(argv)
     report = RUNS[args.framework](args)
     report.update(framework=args.framework, model=args.model, dtype=args.dtype, backend=args.backend,

@@ -17,7 +17,7 @@ from .errors import (
     ResourceError,
     TokenizerError,
 )
-from .generate import TextStreamer, generate
+from .generate import GenerationStats, TextStreamer, generate
 from .loading import load
 from .model import Model, ModelOutput
 from .tokenizer import Tokenizer, load_tokenizer
@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "GenerationError",
+    "GenerationStats",
     "MinPhi3Error",
     "Model",
     "ModelConfig",
