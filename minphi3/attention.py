@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_module, compute_dtype, matmul
+from .backend import array_module, compute_dtype, matmul, query_block_size
 from .ops import softmax
 
 
@@ -97,10 +97,10 @@ def grouped_query_attention(q, k, v, mask, scale: float, return_weights: bool = 
     return out, (weights if return_weights else None)
 
 
-QUERY_BLOCK = 64  # queries per block in `attention_in_query_blocks`
+QUERY_BLOCK = 64  # queries per block in `attention_in_query_blocks` on the CPU
 
 
-def attention_in_query_blocks(q, k, v, mask, scale: float, block: int = QUERY_BLOCK):
+def attention_in_query_blocks(q, k, v, mask, scale: float, block: int | None = None):
     """`grouped_query_attention` taken `block` queries at a time, each block against only the
     run of keys that some query of the block may see. -> out: [batch, heads, seq, head_dim]
 
@@ -109,9 +109,13 @@ def attention_in_query_blocks(q, k, v, mask, scale: float, block: int = QUERY_BL
     rows, so leaving it out changes nothing. Under the causal rule the first queries of a prompt
     see few keys, so a prompt of n tokens computes about half of the n x n scores instead of all
     of them, and never holds them all at once (32 heads x 4096^2 float32 scores are 2 GiB).
+    block: None picks the backend's size (`backend.query_block_size`): QUERY_BLOCK on the CPU,
+    on the GPU as many queries as keep a block's scores under 1 GiB.
     """
     xp = array_module(q)
-    seq = q.shape[2]
+    batch, heads, seq, _ = q.shape
+    if block is None:
+        block = query_block_size(xp, batch * heads * k.shape[2], QUERY_BLOCK)
     if mask is None or seq <= block:
         return grouped_query_attention(q, k, v, mask, scale)[0]
     out = xp.empty(q.shape, dtype=q.dtype)

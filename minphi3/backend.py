@@ -483,3 +483,20 @@ def copy_from_host(target, source: np.ndarray) -> None:
         target[...] = source
     else:
         target.set(np.ascontiguousarray(source, dtype=target.dtype))
+
+
+SCORES_PER_BLOCK_ON_GPU = 1 << 28  # elements: 1 GiB of float32 scores
+
+
+def query_block_size(xp, scores_per_query: int, host_block: int) -> int:
+    """Queries per block of `attention.attention_in_query_blocks`.
+
+    NumPy: `host_block`, small enough that a block's scores stay in the CPU's caches and that the
+    causal rule lets each block skip the keys after it. CuPy: as many queries as keep one block's
+    scores (scores_per_query = batch x heads x kv_seq of them per query) under 2^28 elements,
+    and never fewer than `host_block`: on the GPU each block costs two values read back to the
+    host (the run of keys it sees) and a dozen launches, while the memory is there.
+    """
+    if xp is np:
+        return host_block
+    return max(host_block, SCORES_PER_BLOCK_ON_GPU // max(int(scores_per_query), 1))

@@ -128,3 +128,17 @@ def test_matmul_on_numpy_is_the_operator():
 
     a, b = np.arange(6.0).reshape(2, 3), np.arange(12.0).reshape(3, 4)
     np.testing.assert_array_equal(matmul(a, b), a @ b)
+
+
+def test_query_blocks_are_small_on_the_cpu_and_bounded_by_memory_on_the_gpu():
+    from minphi3.backend import SCORES_PER_BLOCK_ON_GPU, query_block_size
+
+    assert query_block_size(np, 32 * 4096, 64) == 64
+
+    class FakeCupy:  # only its identity matters: anything that is not numpy is a GPU module
+        pass
+
+    gpu = FakeCupy()
+    assert query_block_size(gpu, 32 * 512, 64) == SCORES_PER_BLOCK_ON_GPU // (32 * 512)  # a 512 prompt: one block
+    assert query_block_size(gpu, 32 * 4096, 64) * 32 * 4096 <= SCORES_PER_BLOCK_ON_GPU
+    assert query_block_size(gpu, 1 << 30, 64) == 64
