@@ -196,3 +196,47 @@ def test_generation_stats_count_the_fixed_steps(checkpoints):
     plain = GenerationStats()
     minphi3.generate(model, random_ids(1, 12, seed=3), max_new_tokens=20, eos_token_id=[], stats=plain)
     assert plain.fixed_steps == 0
+
+
+class NoHostReads(np.ndarray):
+    """An array that refuses to hand a value to Python: on a GPU each of these is a read back to
+    the host, which stops a CUDA graph from recording (and syncs the device every step)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise AssertionError("a value was read back to the host")
+
+    __bool__ = __int__ = __float__ = __index__ = item = tolist = _refuse
+
+
+def no_host_reads(x):
+    return x.view(NoHostReads)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_fixed_step_reads_no_value_back_to_the_host(checkpoints, name):
+    """Run with every input and parameter made an array that refuses host reads, the step
+    completes and gives the same logits: nothing in it depends on a device value on the host,
+    which is what lets CuPy record it as a CUDA graph."""
+    plain = minphi3.load(checkpoints[name])
+    ids = random_ids(2, 9, seed=1)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    reference, cache = plain.new_cache(2, 12), plain.new_cache(2, 12)
+    for filled in (reference, cache):
+        plain(ids, attention_mask=mask, position_ids=prompt_positions(mask), cache=filled)
+    step = FixedDecodeStep(plain, reference, 16, 9)
+    inputs = dict(token_ids=np.array([[5], [6]]), positions=np.array([[9], [7]]), index=np.array([9]))
+    expected = fixed_decode_logits(plain, reference, **inputs, cos_table=step.cos_table, sin_table=step.sin_table)
+
+    for layer in cache.layers:  # the same cache, every array guarded
+        layer.keys, layer.values = no_host_reads(layer.keys), no_host_reads(layer.values)
+    cache.slot_index, cache.key_padding = no_host_reads(cache.slot_index), no_host_reads(cache.key_padding)
+    guarded = minphi3.Model(plain.config, {name: no_host_reads(a) for name, a in plain.params.items()})
+    logits = fixed_decode_logits(
+        guarded, cache, **{name: no_host_reads(a) for name, a in inputs.items()},
+        cos_table=no_host_reads(step.cos_table), sin_table=no_host_reads(step.sin_table),
+    )  # fmt: skip
+    assert isinstance(logits, NoHostReads)  # the guard reached the end of the step
+    np.testing.assert_array_equal(np.asarray(logits), expected)
+    with pytest.raises(AssertionError, match="read back to the host"):  # and it does catch a read
+        guarded(ids[:, :1], cache=cache)
