@@ -140,6 +140,14 @@ def main(argv=None) -> None:
     print(f"bounds: device-to-device bandwidth {limits['bandwidth_gbs']:.0f} GB/s, float16 matmul "
           f"{limits['matmul_gflops']:.0f} GFLOP/s (CuPy); peak memory = device memory")
     print(result_table(rows, GPU_COLUMNS))
+    for name, data in all_runs.items():
+        breakdowns = [r["decode_breakdown"] for r in data["runs"]["minphi3"] if "decode_breakdown" in r]
+        if breakdowns:
+            step = median(b["step_device_ms"] for b in breakdowns)
+            products = median(b["weight_products_device_ms"] for b in breakdowns)
+            bound = breakdowns[0]["weights_bytes"] / (limits["bandwidth_gbs"] * 1e9) * 1e3
+            print(f"{name}: recorded decode step {step:.2f} ms of device time ({breakdowns[0]['graph_kernels']} kernels), "
+                  f"its weight products alone {products:.2f} ms, bandwidth bound {bound:.2f} ms")
     data = {
         "benchmark": "gpu",
         "started": started,

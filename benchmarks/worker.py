@@ -113,6 +113,46 @@ def paired_decode_fraction(minphi3, model, sequence, cache, pairs: int = PAIRS) 
     return {"decode_fraction": float(np.median(fractions)), "weights_stream_gbs": float(np.median(rates))}
 
 
+def gpu_decode_breakdown(model, sequence, cache, launches: int = 20) -> dict:
+    """Where a GPU decode step's time goes: the recorded step's device time per launch and its
+    kernel count, against the device time of its weight products alone (`x @ W.T` over
+    `decode_matrices`, one after another). sequence: [1, length], all but its last id in `cache`."""
+    import cupy  # noqa: PLC0415
+
+    from minphi3.decode import FixedDecodeStep  # noqa: PLC0415
+
+    def device_ms(function) -> float:
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        function()  # warm-up
+        start.record()
+        for _ in range(launches):
+            function()
+        stop.record()
+        stop.synchronize()
+        return cupy.cuda.get_elapsed_time(start, stop) / launches
+
+    length = sequence.shape[1]
+    step = FixedDecodeStep(model, cache, length + 4, length - 1)
+    for _ in range(3):  # eager, recorded, first launch (each writes the next cache slot)
+        step(sequence[0, -1:], np.array([cache.length]), cache.length)
+    replay = step.replay
+    kernels = None
+    if replay.graph is not None:
+        try:
+            kernels = replay.graph.debug_dot_str().count("KERNEL")
+        except Exception:  # noqa: BLE001 - a diagnostic only
+            kernels = None
+    matrices = decode_matrices(model)
+    inputs = {w.shape[1]: cupy.ones((1, w.shape[1]), dtype=w.dtype) for w in matrices}
+    return {
+        "graph_error": replay.graph_error,
+        "graph_kernels": kernels,
+        "step_device_ms": device_ms(replay),  # rewrites the same slot each time: timing only
+        "weight_products_device_ms": device_ms(lambda: [inputs[w.shape[1]] @ w.T for w in matrices]),
+        "weights_bytes": int(sum(w.nbytes for w in matrices)),
+    }
+
+
 def run_minphi3(args) -> dict:
     import minphi3  # noqa: PLC0415
 
@@ -139,6 +179,8 @@ def run_minphi3(args) -> dict:
     stats = last["stats"]
     report["decode_path"] = {"fixed_steps": stats.fixed_steps, "graph_launches": stats.graph_launches,
                              "graph_error": stats.graph_error}  # fmt: skip
+    if args.backend == "cupy":
+        report["decode_breakdown"] = gpu_decode_breakdown(model, last["sequence"], last["cache"])
     if args.backend == "cupy" and args.compare_eager:
         # The same generations with every one-token step launched kernel by kernel: what the graph saves.
         report["eager"] = _timed_runs(lambda prompt, new_tokens: generate(prompt, new_tokens, cuda_graph=False), ids, args)
