@@ -26,8 +26,8 @@ def _import_cupy():
         import cupy  # noqa: PLC0415 - optional dependency, imported only when asked for
     except Exception as exc:  # ImportError, or a CUDA library error raised at import time
         raise BackendError(
-            "backend 'cupy' needs CuPy: install the GPU extra (pip install 'minphi3[gpu]', "
-            f"which installs cupy-cuda12x) on a machine with an NVIDIA GPU ({type(exc).__name__}: {exc})"
+            "backend 'cupy' needs CuPy: install the GPU extra (pip install 'minphi3[gpu]' for CUDA 12, "
+            f"'minphi3[gpu-cuda13]' for CUDA 13) on a machine with an NVIDIA GPU ({type(exc).__name__}: {exc})"
         ) from None
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
