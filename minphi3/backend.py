@@ -7,6 +7,8 @@ on the CPU (NumPy) and on an NVIDIA GPU (CuPy) with no branches outside this fil
 
 from __future__ import annotations
 
+import contextvars
+
 import numpy as np
 
 from .errors import BackendError
@@ -211,18 +213,24 @@ def is_host_array(x) -> bool:
 
 
 # ---- matrix products that a CUDA graph can record ---------------------------------------------
+# Set while `StepReplay` runs a step it will record (its eager first run and the recording), so
+# that both go through the same cuBLAS call: the kernels the recording needs are loaded before it,
+# the two runs round alike, and an error of the direct call shows up in the eager run.
+_DIRECT_PRODUCTS = contextvars.ContextVar("minphi3_direct_products", default=False)
+
+
 def matmul(a, b):
     """a @ b, on either backend. a: [..., m, k], b: [..., k, n] -> [..., m, n]
 
-    This is `a @ b` everywhere but in one place: while CuPy records a CUDA graph
+    This is `a @ b` everywhere but in one place: a step that CuPy records as a CUDA graph
     (`StepReplay`). CuPy refuses to call cuBLAS during stream capture (`NotImplementedError:
     calling cuBLAS API during stream capture is currently unsupported`, cupy#6290), although
     cuBLAS itself supports it; there the product is handed to cuBLAS's strided-batched GEMM
-    directly (`_capturable_matmul`), the same library routine CuPy's `@` ends in.
+    directly (`_direct_matmul`), the same library routine CuPy's `@` ends in.
     """
-    if array_module(a) is np or not _stream_is_capturing():
+    if array_module(a) is np or not (_DIRECT_PRODUCTS.get() or _stream_is_capturing()):
         return a @ b
-    return _capturable_matmul(a, b)
+    return _direct_matmul(a, b)
 
 
 def _stream_is_capturing() -> bool:
@@ -293,25 +301,39 @@ def gemm_plan(a_shape, a_strides, b_shape, b_strides):
     }  # fmt: skip
 
 
-def _capturable_matmul(a, b):
+def prepare_gemm(a, b, xp):
+    """The operands, plan and result shape of one cuBLAS call for a @ b (arrays of module xp).
+
+    -> (first, second, plan, out_shape): cuBLAS's first operand is b, its second a (see
+    `gemm_plan`). A product by one matrix (linear: x [..., k] @ W.T) is one GEMM over all rows
+    of x together, so each weight is read once, not once per batch row; otherwise the batch dims
+    are broadcast, and an operand whose layout cuBLAS cannot read is copied contiguous.
+    """
+    out_shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+    if b.ndim == 2 and a.ndim > 2:
+        a = a.reshape(-1, a.shape[-1])  # a view for the usual contiguous activations
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = xp.broadcast_to(a, (*batch, *a.shape[-2:]))
+    b = xp.broadcast_to(b, (*batch, *b.shape[-2:]))
+    plan = gemm_plan(a.shape, _element_strides(a), b.shape, _element_strides(b))
+    if plan is None:
+        a, b = xp.ascontiguousarray(a), xp.ascontiguousarray(b)
+        plan = gemm_plan(a.shape, _element_strides(a), b.shape, _element_strides(b))
+    return b, a, plan, out_shape
+
+
+def _direct_matmul(a, b):
     """a @ b through cuBLAS's strided-batched GEMM called directly, so that a CUDA graph records
     it (see `matmul`). Shapes as in `matmul`; float16, float32 or float64 operands."""
     import cupy  # noqa: PLC0415
 
     dtype = np.result_type(a.dtype, b.dtype)
-    a, b = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
-    if a.ndim == 1 or b.ndim == 1:
-        return a @ b  # not used by minphi3; cuBLAS raises the usual error
-    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a = cupy.broadcast_to(a, (*batch, *a.shape[-2:]))
-    b = cupy.broadcast_to(b, (*batch, *b.shape[-2:]))
-    plan = gemm_plan(a.shape, _element_strides(a), b.shape, _element_strides(b))
-    if plan is None:
-        a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
-        plan = gemm_plan(a.shape, _element_strides(a), b.shape, _element_strides(b))
-    out = cupy.empty((*batch, a.shape[-2], b.shape[-1]), dtype=dtype)
+    if a.ndim < 2 or b.ndim < 2 or dtype.name not in _CUDA_DATA_TYPE:
+        return a @ b  # not used by minphi3: CuPy's own product (and its refusal under capture)
+    first, second, plan, out_shape = prepare_gemm(a.astype(dtype, copy=False), b.astype(dtype, copy=False), cupy)
+    out = cupy.empty(out_shape, dtype=dtype)
     if out.size:
-        _cublas().gemm(plan, b, a, out, dtype.name)
+        _cublas().gemm(plan, first, second, out, dtype.name)
     return out
 
 
@@ -320,11 +342,12 @@ def _element_strides(x) -> tuple[int, ...]:
 
 
 class _CublasForCapture:
-    """cuBLAS's GEMM through ctypes, on CuPy's own cuBLAS handle and library.
+    """cuBLAS's GEMM through ctypes, in the library CuPy links and on CuPy's own handle.
 
-    The handle is set to the current (capturing) stream, with a workspace that lives as long as
-    this object, so cuBLAS allocates nothing while the graph is recorded (cuBLAS documentation,
-    "CUDA Graphs Support").
+    The handle (one per thread and device in CuPy) is looked up at each call and set to the
+    current stream, with a workspace of this device that lives as long as the process, so that
+    cuBLAS allocates nothing while a graph is recorded (cuBLAS documentation, "CUDA Graphs
+    Support"; cublasSetStream resets the workspace, so it is set after).
     """
 
     WORKSPACE_BYTES = 32 << 20
@@ -335,9 +358,8 @@ class _CublasForCapture:
         import cupy  # noqa: PLC0415
 
         self.ctypes = ctypes
-        self.library = ctypes.CDLL(_loaded_library("libcublas.so"))
-        self.handle = cupy.cuda.Device().cublas_handle  # CuPy's handle on the current device
-        with cupy.cuda.Stream.null:  # allocated outside any capture, kept for every graph
+        self.library = ctypes.CDLL(_cublas_library_path())
+        with cupy.cuda.Stream.null:
             self.workspace = cupy.empty(self.WORKSPACE_BYTES, dtype=np.uint8)
         p, i, ll, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_size_t
         self.library.cublasSetStream_v2.argtypes = [p, p]
@@ -349,23 +371,23 @@ class _CublasForCapture:
 
     def _check(self, status: int, call: str) -> None:
         if status != 0:
-            raise BackendError(f"cuBLAS {call} failed with status {status} while recording a CUDA graph")
+            raise BackendError(f"cuBLAS {call} failed with status {status} (a product of a recorded decode step)")
 
     def gemm(self, plan: dict, first, second, out, dtype: str) -> None:
         """out = first-operand x second-operand as `plan` (from `gemm_plan`) says, on the current stream."""
         import cupy  # noqa: PLC0415
 
         ctypes, library = self.ctypes, self.library
-        stream = cupy.cuda.get_current_stream().ptr
-        self._check(library.cublasSetStream_v2(self.handle, stream), "cublasSetStream")
-        self._check(library.cublasSetWorkspace_v2(self.handle, self.workspace.data.ptr, self.WORKSPACE_BYTES),
+        handle = cupy.cuda.Device().cublas_handle
+        self._check(library.cublasSetStream_v2(handle, cupy.cuda.get_current_stream().ptr), "cublasSetStream")
+        self._check(library.cublasSetWorkspace_v2(handle, self.workspace.data.ptr, self.WORKSPACE_BYTES),
                     "cublasSetWorkspace")  # fmt: skip
-        self._check(library.cublasSetPointerMode_v2(self.handle, _CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode")
+        self._check(library.cublasSetPointerMode_v2(handle, _CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode")
         scalar = ctypes.c_double if dtype == "float64" else ctypes.c_float
         alpha, beta = scalar(1.0), scalar(0.0)
         kind = _CUDA_DATA_TYPE[dtype]
         status = library.cublasGemmStridedBatchedEx(
-            self.handle, _CUBLAS_OP[plan["transa"]], _CUBLAS_OP[plan["transb"]],
+            handle, _CUBLAS_OP[plan["transa"]], _CUBLAS_OP[plan["transb"]],
             plan["m"], plan["n"], plan["k"], ctypes.addressof(alpha),
             first.data.ptr, kind, plan["lda"], plan["stride_a"],
             second.data.ptr, kind, plan["ldb"], plan["stride_b"],
@@ -375,27 +397,26 @@ class _CublasForCapture:
         self._check(status, "cublasGemmStridedBatchedEx")
 
 
-_CUBLAS = []
+_CUBLAS: dict[int, _CublasForCapture] = {}  # by device id
 
 
 def _cublas() -> _CublasForCapture:
-    if not _CUBLAS:
-        _CUBLAS.append(_CublasForCapture())
-    return _CUBLAS[0]
+    """The direct cuBLAS caller of the current device, made (with its workspace) on first use;
+    `StepReplay` asks for it before it records, outside any capture."""
+    import cupy  # noqa: PLC0415
+
+    device = cupy.cuda.Device().id
+    if device not in _CUBLAS:
+        _CUBLAS[device] = _CublasForCapture()
+    return _CUBLAS[device]
 
 
-def _loaded_library(prefix: str) -> str:
-    """The path of the shared library named `prefix`* that this process has loaded (CuPy loads
-    its cuBLAS on the first product), from /proc/self/maps; else the bare name for dlopen."""
-    try:
-        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-            for line in maps:
-                path = line.split()[-1] if line.strip() else ""
-                if path.rsplit("/", 1)[-1].startswith(prefix):
-                    return path
-    except OSError:
-        pass
-    return prefix
+def _cublas_library_path() -> str:
+    """CuPy's own cuBLAS wrapper module: symbols looked up through it resolve in the libcublas it
+    links, not in another copy a second library (torch's) may have loaded."""
+    from cupy_backends.cuda.libs import cublas  # noqa: PLC0415
+
+    return cublas.__file__
 
 
 # ---- replaying a step as a CUDA graph ----------------------------------------------------------
@@ -440,35 +461,47 @@ class StepReplay:
             self.graph.launch(stream=self.xp.cuda.get_current_stream())
             self.launches += 1
             return self._result
-        if not self.capture or self.calls == 1 or self.graph_error is not None:
+        if not self.capture or self.graph_error is not None:
             return self.step()
+        if self.calls == 1:
+            return self._warm_up()
         return self._record_and_launch()
+
+    def _warm_up(self):
+        """The eager first run, with the products the recording will make (see `matmul`). If
+        those fail, the step runs as usual and is never recorded: it writes the same values
+        to the same places, so running it twice does no harm."""
+        token = _DIRECT_PRODUCTS.set(True)
+        try:
+            _cublas()  # the library and this device's workspace, outside any capture
+            return self.step()
+        except Exception as exc:  # no usable cuBLAS to call directly
+            self.graph_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            _DIRECT_PRODUCTS.reset(token)
+        return self.step()
 
     def _record_and_launch(self):
         cupy = self.xp
         pool = cupy.cuda.MemoryPool()
         stream = cupy.cuda.Stream(non_blocking=True)
         current = cupy.cuda.get_current_stream()
-        stream.wait_event(current.record())
-        try:
-            _cublas()  # finds cuBLAS and allocates its workspace before the recording starts
-        except Exception as exc:  # no cuBLAS library to call: keep running eagerly
-            self.graph_error = f"{type(exc).__name__}: {exc}"
-            return self.step()
-        result, graph = None, None
+        result, graph, began = None, None, False
         with cupy.cuda.using_allocator(pool.malloc), stream:
-            stream.begin_capture()
             try:
+                stream.begin_capture()
+                began = True
                 result = self.step()
             except Exception as exc:  # a step that reads a value back, or a library that refuses capture
                 self.graph_error = f"{type(exc).__name__}: {exc}"
             finally:
-                try:
-                    graph = stream.end_capture()
-                except Exception as exc:
-                    self.graph_error = self.graph_error or f"{type(exc).__name__}: {exc}"
-                    graph = None
-        if self.graph_error is not None:
+                if began:  # end it even when invalidated, so the stream leaves capture mode
+                    try:
+                        graph = stream.end_capture()
+                    except Exception as exc:
+                        self.graph_error = self.graph_error or f"{type(exc).__name__}: {exc}"
+        if self.graph_error is not None or graph is None:
+            self.graph_error = self.graph_error or "the recording gave no graph"
             return self.step()
         self.graph, self._pool, self._result = graph, pool, result
         self.graph.launch(stream=current)

@@ -88,18 +88,13 @@ def cublas_gemm_strided_batched(plan, first: np.ndarray, second: np.ndarray, out
 
 
 def planned_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b the way backend._capturable_matmul does it on the GPU, emulated on NumPy arrays."""
-    from minphi3.backend import _element_strides, gemm_plan
+    """a @ b the way backend._direct_matmul does it on the GPU (`prepare_gemm`, then one cuBLAS
+    call), with the call emulated on NumPy arrays."""
+    from minphi3.backend import prepare_gemm
 
-    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a = np.broadcast_to(a, (*batch, *a.shape[-2:]))
-    b = np.broadcast_to(b, (*batch, *b.shape[-2:]))
-    plan = gemm_plan(a.shape, _element_strides(a), b.shape, _element_strides(b))
-    if plan is None:
-        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-        plan = gemm_plan(a.shape, _element_strides(a), b.shape, _element_strides(b))
-    out = np.full((*batch, a.shape[-2], b.shape[-1]), np.nan)
-    cublas_gemm_strided_batched(plan, b, a, out)
+    first, second, plan, out_shape = prepare_gemm(a, b, np)
+    out = np.full(out_shape, np.nan)
+    cublas_gemm_strided_batched(plan, first, second, out)
     return out
 
 
@@ -109,18 +104,18 @@ def test_the_gemm_plan_computes_a_at_b_for_every_layout():
         np.testing.assert_allclose(planned_matmul(a, b), a @ b, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
-def test_the_gemm_plan_reads_the_cache_in_place():
-    """The decode step's products need no copy: the plan takes the views as they are."""
-    from minphi3.backend import _element_strides, gemm_plan
+def test_the_gemm_plan_reads_the_cache_and_the_weights_in_place():
+    """The decode step's products copy nothing: q k^T reads the key cache where it is, and a
+    linear layer is one GEMM over every row of the batch that reads the weight once."""
+    from minphi3.backend import prepare_gemm
 
-    keys = np.zeros((1, 3, 4, 10))
-    q = np.zeros((1, 3, 1, 4))
-    assert gemm_plan(q.shape, _element_strides(q), keys.shape, _element_strides(keys)) is not None
-    weight = np.zeros((12, 8))
-    x = np.broadcast_to(np.zeros((1, 1, 8)), (1, 1, 8))
-    w = np.broadcast_to(weight.T, (1, 8, 12))
-    plan = gemm_plan(x.shape, _element_strides(x), w.shape, _element_strides(w))
-    assert plan["transa"] == "T" and plan["lda"] == 8 and plan["stride_a"] == 0
+    keys, q = np.zeros((2, 3, 4, 10)), np.zeros((2, 3, 1, 4))
+    first, second, plan, _ = prepare_gemm(q, keys, np)
+    assert np.shares_memory(first, keys) and np.shares_memory(second, q) and plan["batch"] == 6
+    weight, x = np.zeros((12, 8)), np.zeros((3, 1, 8))
+    first, second, plan, out_shape = prepare_gemm(x, weight.T, np)
+    assert np.shares_memory(first, weight) and np.shares_memory(second, x)
+    assert (plan["batch"], plan["n"], plan["transa"], plan["lda"]) == (1, 3, "T", 8) and out_shape == (3, 1, 12)
 
 
 def test_matmul_on_numpy_is_the_operator():
