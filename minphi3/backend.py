@@ -223,10 +223,10 @@ def matmul(a, b):
     """a @ b, on either backend. a: [..., m, k], b: [..., k, n] -> [..., m, n]
 
     This is `a @ b` everywhere but in one place: a step that CuPy records as a CUDA graph
-    (`StepReplay`). CuPy refuses to call cuBLAS during stream capture (`NotImplementedError:
-    calling cuBLAS API during stream capture is currently unsupported`, cupy#6290), although
-    cuBLAS itself supports it; there the product is handed to cuBLAS's strided-batched GEMM
-    directly (`_direct_matmul`), the same library routine CuPy's `@` ends in.
+    (`StepReplay`). CuPy refuses to call cuBLAS during stream capture ("calling cuBLAS API
+    during stream capture is currently unsupported", cupy#6290), although cuBLAS itself
+    supports it; there the product is handed to cuBLAS's strided-batched GEMM directly
+    (`_direct_matmul`), the same library routine CuPy's `@` ends in.
     """
     if array_module(a) is np or not (_DIRECT_PRODUCTS.get() or _stream_is_capturing()):
         return a @ b

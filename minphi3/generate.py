@@ -168,9 +168,10 @@ def generate(
         fed_from = _first_uncached(model, cache, positions[:, :length], length)
         if fixed_steps and fed_from == length - 1:
             last_positions = positions[:, length - 1]
-            if fixed is None or not fixed.fits(cache, int(last_positions.max())):
+            highest = int(last_positions.max())
+            if fixed is None or not fixed.fits(cache, highest):
                 _count_fixed_steps(stats, fixed)
-                fixed = FixedDecodeStep(model, cache, prompt_length + max_new_tokens, int(last_positions.max()))
+                fixed = FixedDecodeStep(model, cache, prompt_length + max_new_tokens, highest)
             scores = fixed(sequences[:, length - 1], last_positions, cache.length)
         else:
             out = model(

@@ -8,7 +8,7 @@ against `model(...)` with a cache, and `generate(cuda_graph=True)` against trans
 import numpy as np
 import pytest
 import torch
-from tiny_checkpoints import load_oracle, longrope_scaling, random_ids, save_tiny
+from tiny_checkpoints import left_padded_batch, load_oracle, longrope_scaling, random_ids, save_tiny
 
 import minphi3
 from minphi3.backend import StepReplay
@@ -87,16 +87,15 @@ def test_generate_with_the_fixed_step_matches_transformers(checkpoints, name):
     architecture = CASES[name].get("architecture", "Phi3ForCausalLM")
     hf = load_oracle(checkpoints[name], architecture=architecture)
     model = minphi3.load(checkpoints[name])
-    ids = random_ids(3, 12, seed=5)
-    mask = np.ones_like(ids)
-    mask[1, :4] = 0
-    mask[2, :9] = 0
-    ids[mask == 0] = 0
+    ids, mask = left_padded_batch()
     with torch.no_grad():
         expected = hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
                                max_new_tokens=20, eos_token_id=None, pad_token_id=0).numpy()  # fmt: skip
-    ours = minphi3.generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[], cuda_graph=True)
+    stats = GenerationStats()
+    ours = minphi3.generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[], cuda_graph=True,
+                            stats=stats)  # fmt: skip
     np.testing.assert_array_equal(ours, expected)
+    assert stats.fixed_steps >= 18  # the one-token steps ran through the fixed step (a LongRoPE switch refeeds one)
 
 
 def test_generate_crosses_the_longrope_switch_with_the_fixed_step(checkpoints):

@@ -5,7 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_checkpoints import load_oracle, longrope_scaling, random_ids, save_tiny, save_tiny_tokenizer
+from tiny_checkpoints import (
+    left_padded_batch,
+    load_oracle,
+    longrope_scaling,
+    random_ids,
+    save_tiny,
+    save_tiny_tokenizer,
+)
 
 import minphi3
 from minphi3.generate import GenerationStats, infer_attention_mask, prompt_positions, resolve_eos_ids, resolve_pad_id
@@ -57,11 +64,7 @@ def test_greedy_matches_transformers(checkpoints, name):
 def test_left_padded_batch_matches_transformers(checkpoints, name):
     hf = load_oracle(checkpoints[name])
     model = minphi3.load(checkpoints[name])
-    ids = random_ids(3, 12, seed=5)
-    mask = np.ones_like(ids)
-    mask[1, :4] = 0
-    mask[2, :9] = 0
-    ids[mask == 0] = 0
+    ids, mask = left_padded_batch()
     expected = oracle_generate(hf, ids, mask, max_new_tokens=15, eos_token_id=None, pad_token_id=0)
     ours = minphi3.generate(model, ids, attention_mask=mask, max_new_tokens=15, eos_token_id=[])
     np.testing.assert_array_equal(ours, expected)

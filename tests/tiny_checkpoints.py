@@ -112,6 +112,15 @@ def oracle_forward(model, input_ids, **kwargs):
         return model(torch.as_tensor(np.asarray(input_ids)), **tensors)
 
 
+def left_padded_batch(seq: int = 12, pads=(0, 4, 9), seed: int = 5, pad_id: int = 0):
+    """A batch of random prompts where row b has pads[b] left-padding tokens (id pad_id).
+    -> ids, attention_mask: [len(pads), seq]"""
+    ids = random_ids(len(pads), seq, seed=seed)
+    mask = (np.arange(seq)[None, :] >= np.asarray(pads)[:, None]).astype(ids.dtype)
+    ids[mask == 0] = pad_id
+    return ids, mask
+
+
 def random_ids(batch: int, seq: int, vocab: int = 96, seed: int = 0, low: int = 3) -> np.ndarray:
     """Token ids avoiding the special ids 0..low-1 (pad, bos, eos)."""
     return np.random.default_rng(seed).integers(low, vocab, size=(batch, seq))
