@@ -382,11 +382,12 @@ def _phi3_config(fields: _FieldReader, architectures: tuple[str, ...]) -> ModelC
     rope_parameters = fields.data.get("rope_parameters")
     rope_parameters = rope_parameters if isinstance(rope_parameters, dict) else {}
     partial = _partial_rotary_factor(fields, scaling_dict or rope_parameters, 1.0)
+    # The top-level field, else Phi3Config's default 4096, never a value inside the scaling dict:
+    # transformers overwrites that one with the top-level value (`standardize_rope_params`), and
+    # writes both when it saves.
     original_max = fields.optional_positive_int("original_max_position_embeddings")
-    if original_max is None and scaling_dict is not None:
-        original_max = _optional_positive_int_in(scaling_dict, "original_max_position_embeddings", fields.source)
     if original_max is None:
-        original_max = 4096  # Phi3Config's default
+        original_max = 4096
     return ModelConfig(
         model_type="phi3",
         partial_rotary_factor=partial,
@@ -418,7 +419,9 @@ def _phi_config(fields: _FieldReader, architectures: tuple[str, ...]) -> ModelCo
 def _scaling_entry(fields: _FieldReader) -> tuple[str, dict] | None:
     """(key, dict) of the first of `rope_scaling`, `rope_parameters` that asks for scaling, or None.
 
-    A `rope_parameters` of rope_type "default" is transformers 5's spelling of no scaling.
+    rope_type "default" (under either key, or a dict with no type) is transformers' spelling of
+    no scaling: transformers 5 writes `rope_parameters: {"rope_type": "default", ...}` when it
+    saves, and accepts `rope_scaling: {"rope_type": "default"}`, running plain RoPE for both.
     """
     for key in ("rope_scaling", "rope_parameters"):
         value = fields.data.get(key)
@@ -426,7 +429,7 @@ def _scaling_entry(fields: _FieldReader) -> tuple[str, dict] | None:
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"{fields.source}: field {key!r} must be an object or null, found {type(value).__name__}")
-        if _rope_type(value) == "default" and key == "rope_parameters":
+        if _rope_type(value) == "default":
             continue
         return key, value
     return None
@@ -457,8 +460,6 @@ def _read_phi_rope_scaling(fields: _FieldReader) -> RopeScaling | None:
         return None
     key, value = entry
     rope_type = _rope_type(value)
-    if rope_type == "default":  # `rope_scaling: {"rope_type": "default"}`: transformers runs plain RoPE
-        return None
     if rope_type not in PHI_ROPE_TYPES:
         raise ConfigError(
             f"{fields.source}: field '{key}.rope_type' is {rope_type!r}; Phi models (phi-1, phi-1.5, phi-2, "
@@ -490,15 +491,6 @@ def _read_longrope(scaling: dict | None, source: str) -> RopeScaling | None:
             raise ConfigError(f"{source}: field 'rope_scaling.{name}' must be a positive finite number, found {value!r}")
         optional[name] = None if value is None else float(value)
     return RopeScaling(rope_type="longrope", **factors, **optional)
-
-
-def _optional_positive_int_in(mapping: dict, key: str, source: str) -> int | None:
-    value = mapping.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{source}: field 'rope_scaling.{key}' must be a positive integer, found {value!r}")
-    return value
 
 
 # ---- validation -----------------------------------------------------------------------------

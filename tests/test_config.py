@@ -134,13 +134,15 @@ def test_derived_values_agree_with_transformers(name):
 
 # ---- both spellings ------------------------------------------------------------------------------
 def _to_v5_spelling(data: dict) -> dict:
-    """transformers 5's spelling by hand: everything rotary inside `rope_parameters`, nothing at the top."""
+    """transformers 5's spelling by hand: everything rotary inside `rope_parameters`, nothing at the
+    top but `original_max_position_embeddings`, which transformers writes in both places (and reads
+    from the top: see test_original_max_inside_rope_parameters_only_is_overridden_as_in_transformers)."""
     data = copy.deepcopy(data)
     rope = dict(data.pop("rope_scaling", None) or {})
     kind = rope.pop("type", None) or rope.pop("rope_type", None) or "default"
     rope["rope_type"] = "longrope" if kind in ("su", "longrope", "yarn") else kind
     if rope["rope_type"] == "longrope":
-        rope["original_max_position_embeddings"] = data.pop("original_max_position_embeddings")
+        rope["original_max_position_embeddings"] = data["original_max_position_embeddings"]
     rope["rope_theta"] = data.pop("rope_theta", 10000.0)
     if "partial_rotary_factor" in data:
         rope["partial_rotary_factor"] = data.pop("partial_rotary_factor")
@@ -154,6 +156,36 @@ def test_both_spellings_give_the_same_config(name):
     v5 = _to_v5_spelling(legacy)
     assert "rope_scaling" not in v5 and "rope_theta" not in v5 and "partial_rotary_factor" not in v5
     assert _fields(config_from_dict(v5)) == _fields(config_from_dict(legacy))
+
+
+def test_original_max_inside_rope_parameters_only_is_overridden_as_in_transformers():
+    # transformers' `standardize_rope_params` replaces the value inside `rope_parameters` by the
+    # top-level field, whose Phi3Config default is 4096: the inner 2048 is never used.
+    data = _to_v5_spelling(_reference("Phi-3-mini-128k-instruct.json"))
+    data["rope_parameters"]["original_max_position_embeddings"] = 2048
+    del data["original_max_position_embeddings"]
+    theirs = transformers.Phi3Config(**copy.deepcopy(data))
+    ours = config_from_dict(data)
+    assert theirs.rope_parameters["original_max_position_embeddings"] == 4096
+    assert ours.original_max_position_embeddings == 4096
+    data["original_max_position_embeddings"] = 1024
+    assert transformers.Phi3Config(**copy.deepcopy(data)).rope_parameters["original_max_position_embeddings"] == 1024
+    assert config_from_dict(data).original_max_position_embeddings == 1024
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("spelling", ["rope_type", "type"])
+@pytest.mark.parametrize("name", ["Phi-3-mini-4k-instruct.json", "phi-2.json"])
+def test_rope_type_default_is_plain_rope(name, key, spelling):
+    # transformers accepts {"rope_type": "default"} under either key and runs plain RoPE.
+    data = _reference(name)
+    data.pop("rope_scaling", None)
+    data[key] = {spelling: "default"}
+    config_class = transformers.PhiConfig if data["model_type"] == "phi" else transformers.Phi3Config
+    assert config_class(**copy.deepcopy(data)).rope_parameters["rope_type"] == "default"
+    config = config_from_dict(data)
+    assert config.rope_scaling is None
+    assert _fields(config) == _fields(load_config(REFERENCE / name))
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIG_FILES if "su" not in n])
