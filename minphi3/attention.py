@@ -97,6 +97,18 @@ def grouped_query_attention(q, k, v, mask, scale: float, return_weights: bool = 
     return out, (weights if return_weights else None)
 
 
+def keys_oldest_first(weights, key_index):
+    """Attention weights with the key axis in text order, oldest key first, as transformers lays
+    them out. A rolling cache holds its keys in slot order, which wraps around once the text is
+    longer than the window (slot = index % capacity).
+
+    weights: [batch, heads, seq, kv_seq], key_index: [kv_seq] absolute index of each key
+    -> [batch, heads, seq, kv_seq]
+    """
+    xp = array_module(weights)
+    return weights[..., xp.argsort(key_index)]
+
+
 QUERY_BLOCK = 64  # queries per block in `attention_in_query_blocks` on the CPU
 
 

@@ -20,6 +20,7 @@ from .attention import (
     attention_in_query_blocks,
     attention_mask,
     grouped_query_attention,
+    keys_oldest_first,
     merge_heads,
     split_heads,
     split_qkv,
@@ -150,11 +151,14 @@ def self_attention(q, k, v, weights_out, bias_out, config, layer: int, step: Ste
     k = apply_rope(k, step.cos, step.sin, config.rotary_dim)
     if step.trace is not None:
         step.keep(layer, {"attn.q_rotated": q, "attn.k_rotated": k})
+    key_index = None
     if step.cache is not None:
-        k, v, _key_index, _key_padding = step.cache.write(layer, step.slots, k, v)
+        k, v, key_index, _key_padding = step.cache.write(layer, step.slots, k, v)
     mask, scale = step.mask(config.sliding_window), config.head_dim**-0.5
     if step.output_attentions:
         out, weights = grouped_query_attention(q, k, v, mask, scale, return_weights=True)
+        if key_index is not None:
+            weights = keys_oldest_first(weights, key_index)
         if step.trace is not None:
             step.keep(layer, {"attn.weights": weights})
     else:
@@ -224,17 +228,46 @@ def lm_head(x, params: dict, config):
 
 
 def keep_positions(x, logits_to_keep):
-    """transformers' `logits_to_keep`: an int n keeps the last n positions (0 keeps all);
-    a 1-D sequence of indices keeps those positions. x: [batch, seq, ...] -> [batch, kept, ...]"""
-    if isinstance(logits_to_keep, (int, np.integer)):
+    """transformers' `logits_to_keep` (`slice_logits_to_keep`), applied to x: [batch, seq, ...].
+
+    - an int n >= 0: the last n positions (0 keeps all) -> [batch, n, ...];
+    - 1-D integer indices, the same for every row -> [batch, len, ...];
+    - 1-D bool [seq]: the positions marked True -> [batch, count, ...];
+    - 2-D integer [batch, n]: n positions per row -> [batch, n, ...];
+    - 2-D bool [batch, seq]: the marked positions of all rows, flattened -> [count, ...].
+    """
+    if isinstance(logits_to_keep, (int, np.integer)) and not isinstance(logits_to_keep, bool):
         if logits_to_keep < 0:
             raise GenerationError(f"logits_to_keep must be >= 0, found {logits_to_keep}")
         return x if logits_to_keep == 0 else x[:, -int(logits_to_keep):]
-    indices = np.asarray(to_numpy(logits_to_keep))
-    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise GenerationError("logits_to_keep must be an int or a 1-D sequence of position indices")
+    batch, seq = x.shape[:2]
+    keep = _keep_array(logits_to_keep)
     xp = array_module(x)
-    return x[:, xp.asarray(indices)]
+    if keep.dtype == bool:
+        expected = (seq,) if keep.ndim == 1 else (batch, seq)
+        if keep.shape != expected:
+            raise GenerationError(f"a boolean logits_to_keep must have shape {expected}, found {keep.shape}")
+        return x[:, xp.asarray(keep)] if keep.ndim == 1 else x[xp.asarray(keep)]
+    if keep.size and not (-seq <= keep.min() and keep.max() < seq):
+        raise GenerationError(f"logits_to_keep holds positions outside [-{seq}, {seq}): {keep.min()} .. {keep.max()}")
+    if keep.ndim == 1:
+        return x[:, xp.asarray(keep)]
+    if keep.shape[0] != batch:
+        raise GenerationError(f"a 2-D logits_to_keep must have one row per batch row ({batch}), found {keep.shape[0]}")
+    rows = xp.arange(batch)[:, None]
+    return x[rows, xp.asarray(keep % seq)]
+
+
+def _keep_array(logits_to_keep) -> np.ndarray:
+    """logits_to_keep as a host integer or bool array of 1 or 2 dims, or a GenerationError."""
+    message = "logits_to_keep must be an int, 1-D or 2-D integer positions, or a 1-D or 2-D boolean mask"
+    try:
+        keep = np.asarray(to_numpy(logits_to_keep))
+    except (TypeError, ValueError):
+        raise GenerationError(message) from None
+    if keep.ndim not in (1, 2) or not (keep.dtype == bool or np.issubdtype(keep.dtype, np.integer)):
+        raise GenerationError(f"{message}; found {keep.ndim} dimensions of {keep.dtype}")
+    return keep
 
 
 def causal_lm_loss(logits, labels):
@@ -443,6 +476,11 @@ class Model:
         else:
             logits = lm_head(keep_positions(x, logits_to_keep), self.params, config)
             if labels is not None:
+                if logits.shape[:2] != ids.shape:
+                    raise GenerationError(
+                        f"labels need the logits of every position: logits_to_keep kept {logits.shape[:-1]} "
+                        f"of input_ids {ids.shape} (give logits_to_keep=0)"
+                    )
                 loss = causal_lm_loss(logits, labels)
         return ModelOutput(
             logits=logits,

@@ -24,6 +24,7 @@ from minphi3.attention import (
     attention_mask,
     grouped_query_attention,
     key_visible,
+    keys_oldest_first,
     merge_heads,
     split_heads,
     split_qkv,
@@ -406,3 +407,13 @@ def test_short_or_unmasked_attention_is_not_blocked(monkeypatch):
     np.testing.assert_array_equal(attention_in_query_blocks(q, k, v, mask, 0.5), whole_short)
     np.testing.assert_array_equal(attention_in_query_blocks(q_long, k_long, v_long, None, 0.5), whole_long)
     assert [queries for queries, _ in calls] == [64, 100]
+
+
+def test_keys_oldest_first_sorts_the_key_axis_by_index():
+    # A rolling buffer of 5 slots after 8 tokens holds indices 5, 6, 7, 3, 4.
+    key_index = np.array([5, 6, 7, 3, 4])
+    weights = np.random.default_rng(0).random((2, 3, 1, 5))
+    ordered = keys_oldest_first(weights, key_index)
+    for position, slot in enumerate([3, 4, 0, 1, 2]):
+        np.testing.assert_array_equal(ordered[..., position], weights[..., slot])
+    np.testing.assert_array_equal(keys_oldest_first(weights, np.arange(5)), weights)

@@ -218,3 +218,26 @@ def test_cached_logits_match_transformers_too(zoo):
     ids = random_ids(2, 18, seed=10)
     cached, _ = run_in_chunks(model, ids, [6] + [1] * 12)
     assert_logits_close(cached, oracle_forward(oracle, ids).logits.numpy())
+
+
+def test_attentions_past_the_window_are_in_text_order_as_in_transformers(zoo):
+    """A rolling buffer holds keys in slot order, which wraps; the attentions it returns are
+    ordered oldest key first, as transformers' sliding-window cache returns them."""
+    import torch
+    from transformers import DynamicCache
+
+    model, oracle = zoo.model("window"), zoo.oracle("window")
+    ids = random_ids(2, 10, seed=3)
+    cache, theirs_cache = model.new_cache(2, 16), DynamicCache(config=oracle.config)
+    model(ids[:, :7], cache=cache)
+    with torch.no_grad():
+        oracle(torch.as_tensor(ids[:, :7]), past_key_values=theirs_cache, use_cache=True)
+    for step in (7, 8, 9):
+        ours = model(ids[:, step : step + 1], cache=cache, output_attentions=True)
+        with torch.no_grad():
+            theirs = oracle(torch.as_tensor(ids[:, step : step + 1]), past_key_values=theirs_cache,
+                            use_cache=True, output_attentions=True)  # fmt: skip
+        assert_logits_close(minphi3.to_numpy(ours.logits), theirs.logits.numpy())
+        for mine, reference in zip(ours.attentions, theirs.attentions, strict=True):
+            assert mine.shape == tuple(reference.shape)
+            np.testing.assert_allclose(minphi3.to_numpy(mine), reference.numpy(), atol=1e-5)

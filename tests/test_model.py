@@ -529,6 +529,50 @@ def test_float64_tolerance_is_absolute():
 
 
 # ---- call interface -------------------------------------------------------------------------------
+KEEP_ARRAYS = {
+    "per-row positions": np.array([[1, 8], [0, -2]]),
+    "one bool mask for every row": np.arange(9) % 3 == 0,
+    "a bool mask per row (flattened)": np.arange(18).reshape(2, 9) % 4 == 1,
+}
+
+
+@pytest.mark.parametrize("form", sorted(KEEP_ARRAYS))
+def test_logits_to_keep_arrays_as_transformers(zoo, form):
+    # transformers' slice_logits_to_keep: 2-D integers pick positions per row; a bool mask keeps
+    # the marked positions, and a 2-D one flattens them to [count, vocab].
+    keep = KEEP_ARRAYS[form]
+    model, oracle = zoo.model("mha"), zoo.oracle("mha")
+    ids = random_ids(2, 9, seed=14)
+    ours = _logits(model(ids, logits_to_keep=keep))
+    with torch.no_grad():
+        theirs = oracle(torch.as_tensor(ids), logits_to_keep=torch.as_tensor(keep)).logits.numpy()
+    assert ours.shape == theirs.shape
+    assert_logits_close(ours, theirs)
+
+
+@pytest.mark.parametrize("keep, message", [
+    (np.ones(8, dtype=bool), "shape"),
+    (np.ones((3, 9), dtype=bool), "shape"),
+    ([0, 9], "outside"),
+    (np.array([[0], [-10]]), "outside"),
+    (np.array([[0, 1]]), "one row per batch row"),
+    (np.zeros((2, 9, 1), dtype=np.int64), "3 dimensions"),
+    (np.array([0.5]), "float64"),
+    ("last", "logits_to_keep must be"),
+    (-1, ">= 0"),
+])  # fmt: skip
+def test_bad_logits_to_keep_is_refused(zoo, keep, message):
+    with pytest.raises(minphi3.GenerationError, match=message):
+        zoo.model("mha")(random_ids(2, 9), logits_to_keep=keep)
+
+
+def test_labels_need_every_position(zoo):
+    ids = random_ids(2, 9)
+    with pytest.raises(minphi3.GenerationError, match="labels need the logits of every position"):
+        zoo.model("mha")(ids, labels=ids, logits_to_keep=1)
+    assert zoo.model("mha")(ids, labels=ids, logits_to_keep=9).loss is not None
+
+
 @pytest.mark.parametrize("keep", [1, 3, 0, [0, 5, 7], np.array([8, 2])])
 def test_logits_to_keep(zoo, keep):
     model, oracle = zoo.model("mha"), zoo.oracle("mha")
