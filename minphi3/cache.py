@@ -108,11 +108,21 @@ class KVCache:
         return True
 
     def reserve(self, capacity: int) -> None:
-        """Make room for `capacity` tokens in a cache without a window (one move, if smaller),
-        so that one-token steps never resize it: the fixed decode step writes slot index %
-        capacity and would otherwise wrap around. A window's rolling buffer needs no room."""
-        if self.sliding_window is None and capacity > self.capacity:
+        """Make room for `capacity` tokens (one move, if smaller), so that one-token steps never
+        resize the cache: the fixed decode step writes slot index % capacity, which must not
+        overwrite a key that is still needed. A window W needs at most W slots: slot index % W
+        then holds the key W tokens back, the first one the window hides."""
+        if self.sliding_window is not None:
+            capacity = min(capacity, self.sliding_window)
+        if capacity > self.capacity:
             self._resize(int(capacity))
+
+    def has_room_for_one(self) -> bool:
+        """Whether one more token fits without a resize: a free slot, or a full window (whose
+        oldest key is hidden from the new token, so its slot can take it)."""
+        return self.length < self.capacity or (
+            self.sliding_window is not None and self.capacity >= self.sliding_window
+        )
 
     def _resize(self, capacity: int):
         """Move to a buffer of another capacity, keeping the newest tokens at slot = index % capacity."""
@@ -140,9 +150,12 @@ class KVCache:
         if self.sliding_window is not None:
             needed = min(needed, self.sliding_window - 1 + num_new)
         if needed > self.capacity:
-            # Grow geometrically when no window bounds the text, so repeated calls stay cheap.
-            grown = needed if self.sliding_window is not None else max(needed, 2 * self.capacity)
-            self._resize(grown)
+            # Grow geometrically, so that one-token steps move the cache O(log n) times, not once
+            # per token; a window caps the growth at W slots (a chunk of T tokens borrows W - 1 + T).
+            doubled = 2 * self.capacity
+            if self.sliding_window is not None:
+                doubled = min(doubled, self.sliding_window)
+            self._resize(max(needed, doubled))
         query_index = self.length + xp.arange(num_new, dtype=np.int64)
         slots = query_index % self.capacity
         # Decided here, with host integers: `write` then needs no value from the device.

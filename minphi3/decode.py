@@ -104,7 +104,7 @@ class FixedDecodeStep:
         cache = self.cache
         if index != cache.length:
             raise GenerationError(f"the decode step is for token {cache.length} of the cache, not {index}")
-        if cache.sliding_window is None and cache.length >= cache.capacity:
+        if not cache.has_room_for_one():
             raise GenerationError(f"the cache is full ({cache.capacity} tokens): reserve room before decoding")
         host = np.concatenate([token_ids, positions, [index]]).astype(np.int64)
         copy_from_host(self.inputs, host)

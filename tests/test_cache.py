@@ -241,3 +241,29 @@ def test_attentions_past_the_window_are_in_text_order_as_in_transformers(zoo):
         for mine, reference in zip(ours.attentions, theirs.attentions, strict=True):
             assert mine.shape == tuple(reference.shape)
             np.testing.assert_allclose(minphi3.to_numpy(mine), reference.numpy(), atol=1e-5)
+
+
+def test_a_window_cache_grows_geometrically_up_to_the_window(tmp_path):
+    """One-token steps into a window cache smaller than W move it O(log W) times, not once per
+    token, and never past W slots."""
+    from tiny_checkpoints import save_tiny
+
+    model = minphi3.load(save_tiny(tmp_path / "w", sliding_window=40, max_position_embeddings=256))
+    cache = model.new_cache(1, 3)
+    capacities = []
+    for token in random_ids(1, 60, seed=2)[0]:
+        model(np.array([[token]]), cache=cache)
+        capacities.append(cache.capacity)
+    moves = sorted(set(capacities))
+    assert moves == [3, 6, 12, 24, 40]
+    assert cache.length == 60
+
+
+def test_reserve_caps_a_window_cache_at_the_window(zoo):
+    model = zoo.model("window")
+    cache = model.new_cache(1, 2)
+    cache.reserve(100)
+    assert cache.capacity == model.config.sliding_window == 5
+    plain = zoo.model("mha").new_cache(1, 2)
+    plain.reserve(100)
+    assert plain.capacity == 100

@@ -135,6 +135,35 @@ def test_a_chat_cache_too_small_for_the_answer_is_enlarged_first(checkpoints):
     np.testing.assert_array_equal(out, minphi3.generate(model, longer, max_new_tokens=10, eos_token_id=[]))
 
 
+def test_a_window_chat_cache_smaller_than_the_window_is_enlarged_first(tmp_path):
+    """A window cache from an earlier, shorter turn holds fewer slots than the window: one-token
+    steps writing slot index % capacity would overwrite keys the window still sees. generate
+    reserves up to W slots first, and the answer equals transformers' (no cache given)."""
+    folder = save_tiny(tmp_path / "window200", seed=5, sliding_window=200, max_position_embeddings=512)
+    model, hf = minphi3.load(folder), load_oracle(folder)
+    ids = random_ids(1, 30, seed=1)
+    with torch.no_grad():
+        expected = hf.generate(torch.as_tensor(ids), do_sample=False, max_new_tokens=40, eos_token_id=None,
+                               pad_token_id=0).numpy()  # fmt: skip
+    for cuda_graph in (True, False):
+        cache = model.new_cache(1, 12)
+        model(ids[:, :10], cache=cache)
+        assert cache.capacity == 12
+        ours = minphi3.generate(model, ids, max_new_tokens=40, eos_token_id=[], cache=cache, cuda_graph=cuda_graph)
+        np.testing.assert_array_equal(ours, expected)
+        assert cache.capacity <= 200
+
+
+def test_a_full_window_has_room_for_the_next_token(checkpoints):
+    model = minphi3.load(checkpoints["window"])
+    cache = model.new_cache(1, 64)
+    model(random_ids(1, 9), cache=cache)
+    assert cache.capacity == 5 and cache.length == 9 and cache.has_room_for_one()
+    small = model.new_cache(1, 3)
+    model(random_ids(1, 3), cache=small)
+    assert small.capacity == 3 and not small.has_room_for_one()  # 3 slots under a window of 5: full
+
+
 def test_the_fixed_step_refuses_a_wrong_index_or_a_full_cache(checkpoints):
     model = minphi3.load(checkpoints["plain"])
     cache = model.new_cache(1, 4)
