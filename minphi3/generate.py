@@ -67,7 +67,10 @@ def resolve_eos_ids(model, eos_token_id=None) -> list[int]:
         eos_token_id = model.generation_config.get("eos_token_id")
     if eos_token_id is None:
         return []
-    ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
+    try:
+        ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
+    except TypeError:
+        raise GenerationError(f"eos_token_id must be a token id or a list of them, found {eos_token_id!r}") from None
     for value in ids:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < model.config.vocab_size:
             raise GenerationError(f"eos_token_id {value!r} is not a token id below vocab_size {model.config.vocab_size}")
@@ -124,8 +127,9 @@ def generate(
     config (`resolve_eos_ids`, `resolve_pad_id`). temperature == 0 means greedy. seed makes
     sampling repeat exactly. streamer: a `TextStreamer`, or any callable given the [batch] array
     of new ids at each step. cache: an existing KVCache holding the first `cache.length` tokens of
-    input_ids (a chat's earlier turns): only the rest is fed; the cache is left holding every
-    token but the last generated one. stats: a GenerationStats to fill with counts and timings.
+    input_ids (a chat's earlier turns): only the rest is fed, and at least the last prompt token
+    (its logits pick the first new one); the cache is left holding every token but the last
+    generated one. stats: a GenerationStats to fill with counts and timings.
     cuda_graph: how one-token steps run. None (default): on the GPU as a recorded CUDA graph,
     on the CPU as ordinary model calls. True: through the fixed-shape step of minphi3/decode.py
     (recorded on the GPU; on the CPU the same step, unrecorded). False: ordinary model calls.
@@ -148,6 +152,8 @@ def generate(
         cache = model.new_cache(batch, prompt_length + max_new_tokens)
     elif cache.batch_size != batch or cache.length > prompt_length:
         raise GenerationError("the cache given to generate must hold a prefix of input_ids for the same batch size")
+    elif cache.length == prompt_length:
+        cache.rewind(prompt_length - 1)  # the last prompt token is fed again: its logits pick the first new token
 
     sequences = np.empty((batch, prompt_length + max_new_tokens), dtype=np.int64)
     sequences[:, :prompt_length] = ids
@@ -182,19 +188,23 @@ def generate(
                 cache=cache,
             )
             scores = out.logits[:, -1, :]
-        scores = process_scores(
-            scores,
-            to_device(sequences[:, :length], model.xp) if penalized else None,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            context_mask=to_device(full_mask[:, :length], model.xp) if penalized else None,
-            producible_vocab_size=model.tokenizer_size,
-        )
-        next_ids = to_numpy(select_next_tokens(scores, do_sample, rng)).astype(np.int64)
+        # Extreme but valid settings (temperature 1e-30, a penalty of 1e-300) overflow float32
+        # scores. The outcome is checked (select_next_tokens refuses a distribution that is not
+        # finite; greedy takes +inf as the maximum it is), so NumPy's warnings would be noise.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            scores = process_scores(
+                scores,
+                to_device(sequences[:, :length], model.xp) if penalized else None,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                repetition_penalty=repetition_penalty,
+                context_mask=to_device(full_mask[:, :length], model.xp) if penalized else None,
+                producible_vocab_size=model.tokenizer_size,
+            )
+            next_ids = to_numpy(select_next_tokens(scores, do_sample, rng)).astype(np.int64)
         if not unfinished.all():  # a row finished at an eos id, so pad_id is set
             next_ids = np.where(unfinished, next_ids, pad_id)
         sequences[:, length] = next_ids
@@ -292,13 +302,16 @@ def _stream(streamer, next_ids: np.ndarray) -> None:
 class TextStreamer:
     """Streams the text of batch row 0 as it is generated, never splitting a UTF-8 character.
 
-    callback(text) receives each new piece (default: print it to stdout at once).
+    callback(text) receives each new piece (default: print it to stdout at once). prompt_ids: the
+    ids of text already shown before the continuation (`generate` on the CLI prints the prompt),
+    so that the first new token keeps its leading space (`IncrementalDetokenizer`).
     """
 
-    def __init__(self, tokenizer, callback=None, skip_special_tokens: bool = True, stop_ids=()):
+    def __init__(self, tokenizer, callback=None, skip_special_tokens: bool = True, stop_ids=(), prompt_ids=()):
         from .tokenizer import IncrementalDetokenizer  # noqa: PLC0415
 
-        self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens,
+                                                  context_ids=prompt_ids)  # fmt: skip
         self.callback = callback or (lambda text: print(text, end="", flush=True))
         self.stop_ids = set(stop_ids)
         self.done = False

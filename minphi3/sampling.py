@@ -369,10 +369,19 @@ def probabilities(scores):
 def make_rng(seed=None) -> np.random.Generator:
     """The host random generator for sampling: `numpy.random.default_rng(seed)`.
 
-    It stays on the host whatever the backend: a draw takes `batch` floats from it, so a seeded
-    run repeats exactly, on NumPy and on CuPy.
+    seed: None (fresh entropy) or an integer >= 0. It stays on the host whatever the backend: a
+    draw takes `batch` floats from it, so a seeded run repeats exactly, on NumPy and on CuPy.
     """
+    check_seed(seed)
     return np.random.default_rng(seed)
+
+
+def check_seed(seed) -> None:
+    """seed must be None or an integer >= 0 (NumPy's SeedSequence takes no negative entropy)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise GenerationError(f"seed must be a non-negative integer, found {seed!r}")
 
 
 def select_next_tokens(scores, do_sample: bool, rng: np.random.Generator | None = None):
@@ -384,7 +393,8 @@ def select_next_tokens(scores, do_sample: bool, rng: np.random.Generator | None 
     total makes it exact for rows whose float32 probabilities do not sum to exactly 1). That
     position always has p > 0, since c only grows where p > 0. It is clipped to the row's last
     id with p > 0 for the case u * c[-1] rounds up to c[-1], so an id of probability zero is
-    never drawn. The generator's state advances by exactly `batch` floats per call.
+    never drawn. The generator's state advances by exactly `batch` floats per call. A row whose
+    distribution is not finite (NaN logits, or scores that overflowed) is a GenerationError.
     """
     xp = array_module(scores)
     if not do_sample:
@@ -394,12 +404,15 @@ def select_next_tokens(scores, do_sample: bool, rng: np.random.Generator | None 
     batch, vocab = scores.shape
     probs = probabilities(scores)
     cdf = xp.cumsum(probs.astype(xp.float64), axis=-1)  # float64: the running sum loses nothing
+    if not bool(xp.isfinite(cdf[:, -1]).all()):
+        raise GenerationError(
+            "the sampling distribution is not finite: the logits hold NaN, or the scores overflowed float32 "
+            "(a temperature so small that logits / temperature is infinite; temperature=0 means greedy)"
+        )
     u = xp.asarray(rng.random(batch))  # the only host -> device transfer: batch floats
     target = u[:, None] * cdf[:, -1:]
     # cdf is non-decreasing, so (number of entries <= target) is the first index with cdf > target.
     index = xp.sum(cdf <= target, axis=-1)
     ids = xp.arange(vocab)
     last_nonzero = xp.max(xp.where(probs > 0, ids, -1), axis=-1)
-    # A row with no probability at all (NaN logits) has last_nonzero = -1: answer 0, like argmax,
-    # rather than a negative id that would wrap around in an embedding lookup.
-    return xp.maximum(xp.minimum(index, last_nonzero), 0).astype(xp.int64)
+    return xp.minimum(index, last_nonzero).astype(xp.int64)

@@ -192,6 +192,11 @@ def test_prompt_positions_of_left_padding():
         (dict(eos_token_id=500), "eos_token_id"),
         (dict(pad_token_id=96), "pad_token_id"),
         (dict(pad_token_id="0"), "pad_token_id"),
+        (dict(eos_token_id=2.0), "eos_token_id"),
+        (dict(do_sample=True, seed=-1), "seed"),
+        (dict(do_sample=True, seed=1.5), "seed"),
+        (dict(seed="7"), "seed"),
+        (dict(do_sample=True, temperature=1e-45), "not finite"),
     ],
 )
 def test_bad_generation_requests_raise_generation_error(checkpoints, kwargs, message):
@@ -323,3 +328,15 @@ def test_tokens_per_second_of_a_single_token_is_finite(checkpoints):
     minphi3.generate(minphi3.load(checkpoints["plain"]), random_ids(1, 5), max_new_tokens=1, eos_token_id=[],
                      stats=stats)  # fmt: skip
     assert stats.new_tokens == 1 and np.isfinite(stats.tokens_per_second) and stats.tokens_per_second > 0
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_cache_holding_the_whole_prompt_refeeds_its_last_token(checkpoints, cuda_graph):
+    """The first new token needs the last prompt token's logits, which a cache does not keep:
+    generate feeds that token again rather than nothing."""
+    model = minphi3.load(checkpoints["plain"])
+    ids = random_ids(1, 9, seed=4)
+    cache = model.new_cache(1, 9)
+    model(ids, cache=cache)
+    out = minphi3.generate(model, ids, max_new_tokens=6, eos_token_id=[], cache=cache, cuda_graph=cuda_graph)
+    np.testing.assert_array_equal(out, minphi3.generate(model, ids, max_new_tokens=6, eos_token_id=[]))
