@@ -105,8 +105,9 @@ def _sampling_options(args) -> dict:
 
 def _check_generation_flags(args) -> None:
     """Refuse impossible generation flags before loading anything (a large model loads for a while)."""
-    from .sampling import validate_sampling_parameters  # noqa: PLC0415
+    from .sampling import check_seed, validate_sampling_parameters  # noqa: PLC0415
 
+    check_seed(args.seed)
     if args.max_new_tokens <= 0:
         raise GenerationError(f"max_new_tokens must be a positive integer, found {args.max_new_tokens}")
     options = _sampling_options(args)
@@ -131,7 +132,7 @@ def _open_checkpoint(args):
     if path is None:
         from .demo import DEMO_MODEL_NOTE, demo_model_path  # noqa: PLC0415
 
-        print(DEMO_MODEL_NOTE, flush=True)
+        print(DEMO_MODEL_NOTE, file=sys.stderr, flush=True)  # stderr, like the figures: stdout is the answer
         path = demo_model_path()
     path = resolve_model_path(path)
     if not path.exists():
@@ -177,7 +178,7 @@ def run_generate(args) -> int:
     check_length(config, len(ids), args.max_new_tokens)
     model = _load_weights(args, path, config, tokenizer, len(ids) + args.max_new_tokens)
     stop_ids = tokenizer.stop_token_ids(model.generation_config)
-    streamer = TextStreamer(tokenizer, stop_ids=stop_ids)
+    streamer = TextStreamer(tokenizer, stop_ids=stop_ids, prompt_ids=() if args.chat_template else ids)
     if not args.chat_template:
         print(args.prompt, end="", flush=True)
     generate(model, [ids], max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids, streamer=streamer,
@@ -227,7 +228,7 @@ def run_chat(args) -> int:
         print("Type a message; /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
     while True:
         try:
-            text = input("> " if interactive else "")
+            text = input("> " if interactive else "").removesuffix("\r")  # a CRLF file piped in
         except EOFError:
             return 0
         command = text.strip()

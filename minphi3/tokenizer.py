@@ -846,14 +846,20 @@ class IncrementalDetokenizer:
     ids[prefix:read] (text already sent) and ids[prefix:] (that text plus the new tokens), both
     starting at the same token so that the decoder treats their start alike, and send the
     difference once it no longer ends in U+FFFD (an incomplete character is held back).
+
+    context_ids: text already shown (a prompt printed before the continuation). Its last tokens
+    open the first window, so the first new token is decoded as it reads after them, leading
+    space included: the texts streamed then add up to decode(context + new)[len(decode(context)):].
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+    CONTEXT_TOKENS = 8  # enough for the decoder to treat the first new token as mid-text
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, context_ids=()):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
+        self.ids: list[int] = [int(i) for i in list(context_ids)[-self.CONTEXT_TOKENS :]]
         self._prefix = 0  # start of the window: first token of the chunk sent last
-        self._read = 0  # tokens before this index have been sent as text
+        self._read = len(self.ids)  # tokens before this index have been sent as text
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

@@ -62,6 +62,43 @@ def test_generate_streams_the_continuation(chat_model):
     assert again.stdout == result.stdout  # seeded sampling repeats
 
 
+def test_generate_keeps_the_space_before_the_first_new_token(tmp_path):
+    """With Phi-3's SentencePiece-style decoder (Metaspace, then Strip of the first space), the
+    printed prompt plus the stream must read as the decode of prompt + new tokens."""
+    from test_tokenizer import _write_phi3_folder  # the Phi-3-style tokenizer those tests build
+
+    _write_phi3_folder(tmp_path / "tokenizer", with_model_config=False)
+    folder = save_tiny(tmp_path / "model", seed=11, vocab_size=860, max_position_embeddings=256)
+    for path in (tmp_path / "tokenizer").iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    tokenizer, model = minphi3.load_tokenizer(folder), minphi3.load(folder)
+    prompt = "The quick brown fox"
+    ids = tokenizer.encode(prompt)
+    stops = tokenizer.stop_token_ids(model.generation_config)
+    new = [int(t) for t in minphi3.generate(model, [ids], max_new_tokens=12, eos_token_id=stops)[0, len(ids):]]
+    new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+    assert tokenizer.id_to_token(new[0]).startswith("▁")  # the case this test is about
+    result = run_cli("generate", "--model", str(folder), prompt, "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == tokenizer.decode(ids + new, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("seed", ["-1", "-5"])
+def test_a_negative_seed_is_refused_before_loading(tmp_path, seed):
+    result = run_cli("generate", "--model", str(tmp_path / "not-read"), "hi", "--seed", seed)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "seed must be a non-negative integer" in lines[0], result.stderr
+
+
+def test_chat_lines_piped_with_crlf_are_read_as_lf(chat_model):
+    unix = run_cli("chat", "--model", str(chat_model), "--max-new-tokens", "4", stdin="Hello there\n")
+    windows = run_cli("chat", "--model", str(chat_model), "--max-new-tokens", "4", stdin="Hello there\r\n")
+    assert unix.returncode == windows.returncode == 0, windows.stderr
+    assert windows.stdout == unix.stdout
+    assert windows.stderr.splitlines()[-1].split(",")[0] == unix.stderr.splitlines()[-1].split(",")[0]  # prompt tokens
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

@@ -636,6 +636,23 @@ def test_demo_note_names_the_model():
         assert words in DEMO_MODEL_NOTE
 
 
+def test_demo_cli_puts_the_note_on_stderr_and_only_the_answer_on_stdout(demo):
+    """`make demo`'s command: the note comes first on the terminal, but on stderr, with the
+    figures, so that an answer piped from `chat --prompt` is the answer alone."""
+    import subprocess
+    import sys
+
+    from minphi3.demo import DEMO_MODEL_NOTE
+
+    result = subprocess.run(
+        [sys.executable, "-m", "minphi3", "chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "8"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(DEMO_MODEL_NOTE)
+    assert DEMO_MODEL_NOTE not in result.stdout and "Paris" in result.stdout
+
+
 def test_demo_cache_dir_is_configurable(monkeypatch, tmp_path):
     from minphi3.demo import cache_dir
 

@@ -620,6 +620,22 @@ def test_stream_flush_releases_an_unfinished_character(pairs):
     assert detokenizer.flush() == ours.decode([ours.token_to_id("▁the"), first_byte])[len("the") :]
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_stream_after_a_shown_prompt_keeps_the_first_space(pairs, name):
+    """The CLI's `generate` prints the prompt, then streams: seeded with the prompt's ids, the
+    stream is exactly what the continuation adds to the decoded prompt, leading space included
+    (alone, a Metaspace/Strip decoder would drop the first new token's space)."""
+    ours = pairs[name][0]
+    prompt, whole_ids = ours.encode("The quick brown fox"), ours.encode("The quick brown fox jumps over 東京 🚀")
+    assert whole_ids[: len(prompt)] == prompt
+    continuation = whole_ids[len(prompt) :]
+    detokenizer = IncrementalDetokenizer(ours, context_ids=prompt)
+    streamed = "".join([detokenizer.push(i) for i in continuation] + [detokenizer.flush()])
+    whole, shown = ours.decode(prompt + continuation), ours.decode(prompt)
+    assert streamed == whole[len(shown):]
+    assert streamed.startswith(" jumps")
+
+
 _unicode = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
 _pieces = st.sampled_from(["<|end|>", "<|im_end|>", " ", "  ", "\n", "▁", "🙂", "é", "東京", "<0xE2>", "\t"])
 
