@@ -43,8 +43,18 @@ def load(path, backend: str = "numpy", dtype: str = "float32", progress: bool = 
     path = resolve_model_path(path)
     config = read_model_config(path)
     check_memory(config, dtype, xp)
-    if path.suffix == ".gguf":
-        return _load_gguf(path, xp, dtype, progress)
+    try:
+        if path.suffix == ".gguf":
+            return _load_gguf(path, xp, dtype, progress)
+        return _load_safetensors(path, config, xp, dtype, progress)
+    except MemoryError:  # the check above passed, but the memory went elsewhere meanwhile
+        raise ResourceError(
+            f"{path}: ran out of memory loading {_human(weights_nbytes(config, dtype))} of weights at "
+            f"{np.dtype(dtype).name}; use a smaller dtype or free memory"
+        ) from None
+
+
+def _load_safetensors(path: Path, config: ModelConfig, xp, dtype, progress: bool) -> Model:
     files = checkpoint_files(path)
     infos = read_all_headers(files)
     expected = parameter_shapes(config)
@@ -214,7 +224,7 @@ def resolve_model_path(path) -> Path:
 def _load_gguf(path: Path, xp, dtype, progress: bool) -> Model:
     from .gguf import gguf_generation_config, read_gguf, read_gguf_checkpoint  # noqa: PLC0415
 
-    config_dict, tensors = read_gguf_checkpoint(path, progress=progress)
+    config_dict, tensors = read_gguf_checkpoint(path, dtype=dtype, progress=progress)  # cast tensor by tensor: no float32 copy of the whole model
     config = config_from_dict(config_dict, source=str(path))
     expected = parameter_shapes(config)
     check_tensor_names({name: tuple(t.shape) for name, t in tensors.items()}, expected, path)

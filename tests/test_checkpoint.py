@@ -447,3 +447,16 @@ def test_pickle_next_to_safetensors_is_ignored(tmp_path):
     _pickle_bomb(folder / "pytorch_model.bin", marker)
     minphi3.load(folder)
     assert not marker.exists()
+
+
+def test_running_out_of_memory_while_loading_is_a_resource_error(zoo, monkeypatch):
+    """The memory check passed, then the memory went elsewhere: a ResourceError naming the
+    checkpoint, not a raw MemoryError (which the CLI would report as an internal error)."""
+    from minphi3 import ResourceError, loading
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(loading, "read_parameters", exhausted)
+    with pytest.raises(ResourceError, match="ran out of memory loading .* of weights at float32"):
+        minphi3.load(zoo.folder("mha"))

@@ -629,6 +629,28 @@ def test_demo_answers_paris(demo, demo_prompt):
     assert "Paris" in answer, answer
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_demo_gguf_loads_tensor_by_tensor_in_the_requested_dtype(demo, dtype):
+    """Each tensor is dequantized (in float32) and cast on its own, so the peak is the weights at
+    `dtype` plus one tensor's work: its float32 values, one float32 temporary and its cast; not a
+    float32 copy of the whole model first (2.8x the float16 weights before)."""
+    import tracemalloc
+
+    from minphi3.model import parameter_shapes
+
+    path, _ = demo
+    tracemalloc.start()
+    try:
+        model = minphi3.load(path, dtype=dtype)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    itemsize = np.dtype(dtype).itemsize
+    weights = model.config.num_parameters() * itemsize
+    largest = max(int(np.prod(shape)) for shape in parameter_shapes(model.config).values())
+    assert peak <= weights + largest * (2 * 4 + itemsize), (peak / weights, largest)
+
+
 def test_demo_note_names_the_model():
     from minphi3.demo import DEMO_MODEL_NOTE
 
