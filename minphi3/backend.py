@@ -70,7 +70,11 @@ def array_module(x):
 
 
 def resolve_dtype(dtype) -> np.dtype:
-    """A compute dtype from its name ("float32" | "float64" | "float16") or a NumPy dtype."""
+    """A compute dtype from its name ("float32" | "float64" | "float16") or a NumPy dtype.
+
+    None is refused rather than read as NumPy reads it (float64, twice the memory of the default)."""
+    if dtype is None:
+        raise BackendError(f"dtype is None: expected one of {', '.join(DTYPES)}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise BackendError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")

@@ -30,6 +30,8 @@ def test_unknown_backend_and_dtype_are_named():
         resolve_dtype("bfloat16")
     with pytest.raises(minphi3.BackendError, match="int32"):
         resolve_dtype(np.int32)
+    with pytest.raises(minphi3.BackendError, match="dtype is None"):
+        resolve_dtype(None)  # NumPy would read it as float64: twice the memory, silently
 
 
 def test_dtypes_and_reduction_precision():
