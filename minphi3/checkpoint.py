@@ -74,6 +74,14 @@ def checkpoint_files(folder) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json found")
 
 
+def refuse_special_file(path: Path) -> None:
+    """Raise CheckpointError when `path` exists but is not a regular file: reading a FIFO blocks
+    until something writes to it, and a device never ends."""
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+        raise CheckpointError(f"{path}: {kind}; expected a weight file")
+
+
 def refuse_pickle_only(folder) -> None:
     """Raise CheckpointError when the only weights in `folder` are pickles (`pytorch_model.bin`...).
 
@@ -124,6 +132,7 @@ def read_safetensors_header(path) -> dict[str, TensorInfo]:
     tile the data exactly (no gap, no overlap, no trailing bytes).
     """
     path = Path(path)
+    refuse_special_file(path)
     try:
         file_size = path.stat().st_size
         with open(path, "rb") as handle:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import refuse_special_file
 from .errors import CheckpointError, ConfigError, TokenizerError
 
 SUPPORTED_ARCHITECTURES = ("phi3", "llama", "phi2")
@@ -123,6 +124,7 @@ def check_structure(path) -> None:
     import gguf  # noqa: PLC0415 - heavy import, only when a GGUF file is opened
 
     path = Path(path)
+    refuse_special_file(path)
     try:
         size = path.stat().st_size
         handle = open(path, "rb")  # noqa: SIM115 - closed below

@@ -603,6 +603,17 @@ def _(root):
     return loading(folder)
 
 
+@case("safetensors", "weights_are_a_fifo", CheckpointError, "model.safetensors", "not a regular file")
+def _(root):
+    # Opening a FIFO for reading blocks until a writer comes: minphi3 must refuse it, not wait.
+    import os
+
+    folder = root / "model"
+    write_json(folder / "config.json", TINY_CONFIG)
+    os.mkfifo(folder / "model.safetensors")
+    return loading(write_tokenizer(folder))
+
+
 @case("safetensors", "no_weights", CheckpointError, "no model.safetensors")
 def _(root):
     folder = root / "model"
@@ -745,6 +756,14 @@ def _(root):
 @case("gguf", "wrong_magic", CheckpointError, "tiny.gguf", "not a GGUF file", "GGUX")
 def _(root):
     (root / "tiny.gguf").write_bytes(b"GGUX" + gguf_bytes(root)[4:])
+    return loading(root / "tiny.gguf")
+
+
+@case("gguf", "file_is_a_fifo", CheckpointError, "tiny.gguf", "not a regular file")
+def _(root):
+    import os
+
+    os.mkfifo(root / "tiny.gguf")
     return loading(root / "tiny.gguf")
 
 
