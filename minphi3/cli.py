@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = command("convert", "convert a GGUF file to a Hugging Face folder")
     convert.add_argument("input", help="the .gguf file")
     convert.add_argument("output", help="the folder to write")
-    convert.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
+    convert.add_argument("--force", action="store_true", help="write into a non-empty output folder: replace the checkpoint's files there, and remove "
+                         "the ones that would shadow them (a sharded index and its shards, template files)")
     return parser
 
 

@@ -36,7 +36,7 @@ from tiny_checkpoints import assert_logits_close, load_oracle  # noqa: E402
 
 import minphi3  # noqa: E402
 from minphi3 import gguf as mgguf  # noqa: E402
-from minphi3.convert import convert_gguf  # noqa: E402
+from minphi3.convert import OUTPUT_FILES, convert_gguf  # noqa: E402
 from minphi3.errors import CheckpointError, ConfigError, MinPhi3Error, TokenizerError  # noqa: E402
 from minphi3.tokenizer import load_tokenizer  # noqa: E402
 
@@ -378,7 +378,6 @@ def test_convert_command_line(phi3_file, tmp_path):
     import subprocess
     import sys
 
-    from minphi3.convert import OUTPUT_FILES
 
     path, out = phi3_file[0], tmp_path / "converted"
     command = [sys.executable, "-m", "minphi3", "convert", str(path), str(out)]
@@ -400,6 +399,45 @@ def test_convert_command_line(phi3_file, tmp_path):
     assert second.stderr.startswith(f"minphi3: error: {out}: the output folder is not empty")
     assert "--force" in second.stderr
     assert run("--force").returncode == 0
+
+
+def test_convert_force_removes_the_files_that_would_shadow_the_new_checkpoint(phi3_file, tmp_path):
+    """A sharded index (and its shard) wins over model.safetensors, a chat_template.jinja over the
+    template in tokenizer_config.json: left behind, they would make the folder another model."""
+    path, out = phi3_file[0], tmp_path / "converted"
+    out.mkdir()
+    (out / "model-00001-of-00001.safetensors").write_bytes(b"old shard")
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model-00001-of-00001.safetensors"}}')
+    (out / "chat_template.jinja").write_text("OLD TEMPLATE {{ messages[0]['content'] }}")
+    (out / "additional_chat_templates").mkdir()
+    (out / "additional_chat_templates" / "tool_use.jinja").write_text("OLD")
+    (out / "README.md").write_text("the user's notes")
+    convert_gguf(path, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", *OUTPUT_FILES])
+    assert_logits_close(logits(minphi3.load(out), SHORT_IDS), logits(minphi3.load(path), SHORT_IDS))
+    messages = [{"role": "user", "content": "hi"}]
+    assert load_tokenizer(out).apply_chat_template(messages) == load_tokenizer(path).apply_chat_template(messages)
+
+
+def test_convert_refuses_an_output_it_cannot_create_before_reading_tensors(phi3_file, tmp_path, monkeypatch):
+    from minphi3 import convert
+
+    (tmp_path / "a-file").write_text("")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the tensors were read before the output was checked")
+
+    monkeypatch.setattr(convert, "read_gguf_checkpoint", never)
+    with pytest.raises(CheckpointError, match="cannot create the output folder"):
+        convert.convert_gguf(phi3_file[0], tmp_path / "a-file" / "out")
+
+
+def test_convert_into_an_empty_folder_behind_a_symlink(phi3_file, tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    convert_gguf(phi3_file[0], tmp_path / "link")
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == sorted(OUTPUT_FILES)
+    assert (tmp_path / "link").is_symlink()
 
 
 def test_gguf_tokenizer_size_leaves_out_unused_padding(tmp_path):
