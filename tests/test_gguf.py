@@ -521,6 +521,14 @@ def test_tiny_tokenizers_equal_transformers(phi3_file, llama_file, which):
         assert config[name] == getattr(theirs, name), name
 
 
+def test_pre_tokenizer_splits_are_transformers_own():
+    """Every tokenizer.ggml.pre name transformers knows splits text by the same regex here
+    (a name missing here would fall back to GPT-2's splitting and give other ids)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    assert mgguf.PRE_TOKENIZER_SPLITS == GGUF_PRE_TOKENIZER_SPLITS
+
+
 def test_sentencepiece_tokenizer_under_llama_architecture(tmp_path):
     """A SentencePiece vocabulary in a `llama` file gets Metaspace (Phi-3 files get a normalizer)."""
     path = write_gguf(tmp_path / "tok.gguf", "llama", {}, {}, tokenizer="sentencepiece")
