@@ -713,15 +713,49 @@ def render_chat_template(
         )
     except jinja2.TemplateError as exc:
         raise TokenizerError(f"{source}: chat template: {type(exc).__name__}: {exc}") from None
+    except MemoryError:
+        raise TokenizerError(f"{source}: chat template: rendering it ran out of memory") from None
+    except Exception as exc:  # the template is a stranger's program: 1/0, 'a' + 1, 10.0 ** 400 ...
+        raise TokenizerError(f"{source}: chat template failed: {type(exc).__name__}: {exc}") from None
+
+
+MAX_TEMPLATE_PRODUCT = 1 << 24  # items (characters) a `*` in a chat template may build: 16 Mi
+MAX_TEMPLATE_POWER_BITS = 1 << 16  # bits of an integer a `**` may build
+
+
+class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, plus a bound on what `*` and `**` may build: `'x' * 10**10` in a
+    template from a stranger would otherwise ask for 10 GB, and `(2**1000)**1000000` for minutes
+    of work."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
+                    if len(sequence) * count > MAX_TEMPLATE_PRODUCT:
+                        raise jinja2.exceptions.SecurityError(
+                            f"the template repeats a sequence of {len(sequence)} items {count} times "
+                            f"(more than {MAX_TEMPLATE_PRODUCT} items)"
+                        )
+        if operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if max(left.bit_length(), 1) * right > MAX_TEMPLATE_POWER_BITS:
+                raise jinja2.exceptions.SecurityError(
+                    f"the template raises a {left.bit_length()}-bit integer to the power {right} "
+                    f"(more than {MAX_TEMPLATE_POWER_BITS} bits)"
+                )
+        return super().call_binop(context, operator, left, right)
 
 
 @lru_cache(maxsize=16)
 def _compile_template(template: str) -> jinja2.Template:
     """Compile a template in transformers' sandbox: ImmutableSandboxedEnvironment (templates come
-    from strangers and must not reach Python internals) with trim_blocks, lstrip_blocks, loop
+    from strangers and must not reach Python internals; here also bounded in what `*` and `**`
+    build, `_ChatTemplateEnvironment`) with trim_blocks, lstrip_blocks, loop
     controls and the `{% generation %}` tag, the `tojson` filter without HTML escaping, and the
     globals raise_exception, strftime_now, dict and namespace."""
-    env = ImmutableSandboxedEnvironment(
+    env = _ChatTemplateEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson

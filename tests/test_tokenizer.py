@@ -546,6 +546,31 @@ def test_chat_template_errors(pairs, folders, tmp_path):
         escape.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.parametrize("template, message", [
+    ("{{ 'x' * 10**10 }}", "repeats a sequence of 1 items 10000000000 times"),
+    ("{{ ['a', 'b'] * 10**9 }}", "repeats a sequence of 2 items"),
+    ("{{ (2**1000)**1000000 }}", "raises a 1001-bit integer to the power 1000000"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ 10.0 ** 400 }}", "OverflowError"),
+    ("{{ messages[0]['content'] + 1 }}", "TypeError"),
+])  # fmt: skip
+def test_hostile_chat_templates_are_tokenizer_errors(pairs, template, message):
+    """A template is a stranger's program: what it builds is bounded, and whatever Python error it
+    raises comes out as a TokenizerError naming the template, never as a raw exception."""
+    hostile = Tokenizer(pairs["phi3"][0].backend, {"chat_template": template}, source="hostile")
+    with pytest.raises(TokenizerError, match="hostile: chat template") as info:
+        hostile.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert message in str(info.value)
+
+
+def test_template_arithmetic_within_bounds_equals_transformers(pairs):
+    template = "{{ '-' * 3 }}{{ ['a'] * 2 }}{{ 2 ** 64 }}{{ 3 * 4 }}{{ 7 ** -2 }}{{ messages[0]['content'] * 2 }}"
+    ours = Tokenizer(pairs["phi3"][0].backend, {"chat_template": template}, source="arithmetic")
+    theirs = pairs["phi3"][1]
+    messages = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages, chat_template=template, tokenize=False)
+
+
 def test_named_chat_templates(pairs):
     ours = pairs["chatml"][0]
     templates = [
