@@ -786,6 +786,9 @@ def _sentencepiece_backend(metadata: dict, path, arch: str):
     check_bpe_merges({"type": "BPE", "vocab": vocab, "merges": merges}, path)  # before the Rust builder can panic
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
     # llama.cpp prefixes a space unless the file says not to (tokenizer.ggml.add_space_prefix).
+    # One exception to "transformers is the oracle": transformers 5.23 ignores that flag and
+    # always prefixes; a file that sets it false was converted from a tokenizer that does not
+    # prefix, so the file's own rule is kept (the ids then differ from transformers' GGUF reading).
     prefix_space = metadata.get("tokenizer.ggml.add_space_prefix", True) is not False
     if arch == "phi3" and prefix_space:
         # Phi-3's own tokenizer.json: the prefix comes from a normalizer, so "  hi" keeps every space.
