@@ -539,6 +539,20 @@ def test_sentencepiece_tokenizer_under_llama_architecture(tmp_path):
         assert backend.encode(text).ids == theirs(text)["input_ids"], text
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_add_space_prefix_false_is_honoured(tmp_path, arch):
+    """llama.cpp's rule, kept although transformers ignores the flag (see minphi3/gguf.py): the
+    text is not prefixed with a space, so "hello" is not the word-initial "▁hello"."""
+    prefixed = write_gguf(tmp_path / "prefixed.gguf", arch, {}, {}, tokenizer="sentencepiece")
+    bare = write_gguf(tmp_path / "bare.gguf", arch, {"add_space_prefix": False}, {}, tokenizer="sentencepiece")
+    with_prefix, without = load_tokenizer(prefixed), load_tokenizer(bare)
+    assert with_prefix.id_to_token(with_prefix.encode("hello")[0]).startswith("▁")
+    assert not without.id_to_token(without.encode("hello")[0]).startswith("▁")
+    assert without.encode(" hello world") == with_prefix.encode("hello world")  # the space given by hand
+    for text in TINY_TEXTS:
+        assert without.decode(without.encode(text)) == text, text
+
+
 def test_byte_level_without_unk_token_adds_no_token(tmp_path):
     """transformers' GPT2Tokenizer invents an unk "<|endoftext|>" when a file names none and appends
     it to the vocabulary (beyond the embedding); minphi3 keeps the file's vocabulary as it is."""
