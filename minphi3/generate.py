@@ -11,7 +11,11 @@
 - without attention_mask, the mask is input_ids != pad when that is possible (`infer_attention_mask`);
 - LongRoPE: the first time the sequence crosses original_max_position_embeddings, every cached key
   was rotated with the short factors, so the cache is dropped and the whole sequence fed again
-  with the long factors (transformers' `prepare_inputs_for_generation` rule).
+  with the long factors (transformers' `prepare_inputs_for_generation` rule). The crossing is
+  the highest position id passing the limit, the same test that picks the factors. transformers
+  tests the padded length instead; the two agree whenever some row has no padding (the usual
+  left-padded batch). When every row is padded, transformers re-feeds too early, with the short
+  factors, and later mixes keys of both factors; minphi3 re-feeds when the factors change.
 """
 
 from __future__ import annotations
