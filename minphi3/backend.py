@@ -193,7 +193,9 @@ def _cgroup_room(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -
 def to_numpy(x):
     """A host NumPy copy of `x`, whatever the backend (CuPy arrays are copied off the GPU).
 
-    Tuples and lists are converted element by element; None stays None.
+    Always a copy, NumPy arrays included: writing into it (fake-quantizing a weight, centring
+    logits in place) never changes the model or its outputs. Tuples and lists are converted
+    element by element; None stays None.
     """
     if x is None:
         return None
@@ -201,7 +203,7 @@ def to_numpy(x):
         return type(x)(to_numpy(item) for item in x)
     if array_module(x) is not np:
         return x.get()
-    return np.asarray(x)
+    return np.array(x)
 
 
 def to_device(x, xp):

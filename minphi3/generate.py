@@ -236,11 +236,13 @@ def _count_fixed_steps(stats: GenerationStats, fixed: FixedDecodeStep | None) ->
 
 
 def _first_uncached(model, cache: KVCache, positions: np.ndarray, length: int) -> int:
-    """Where this step's input starts: after the cached tokens, or at 0 when LongRoPE's switch is
-    crossed for the first time (the cache, rotated with the short factors, is dropped)."""
+    """Where this step's input starts: after the cached tokens, or at 0 when the cached keys were
+    rotated with the other LongRoPE factors than this step needs: the switch crossed for the first
+    time (short-factor keys), or a cache rewound below the switch (long-factor keys, a chat turn
+    that re-renders shorter). The cache is dropped and the whole sequence fed again."""
     config = model.config
-    if config.uses_longrope and cache.length > 0 and not cache.long_rope:
-        if use_long_factors(int(positions.max()), config.original_max_position_embeddings):
+    if config.uses_longrope and cache.length > 0:
+        if use_long_factors(int(positions.max()), config.original_max_position_embeddings) != cache.long_rope:
             cache.reset()
     return cache.length
 

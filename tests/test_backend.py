@@ -48,6 +48,13 @@ def test_to_numpy_copies_containers_and_keeps_none():
     assert isinstance(converted[0], np.ndarray) and isinstance(converted[2][0], np.ndarray)
 
 
+def test_to_numpy_is_a_copy_on_numpy_too():
+    weights = np.ones(3, dtype=np.float32)
+    host = to_numpy(weights)
+    host *= 0  # fake-quantizing the copy must not touch the model's array
+    assert host is not weights and weights.tolist() == [1.0, 1.0, 1.0]
+
+
 def test_cupy_request_without_a_gpu_is_a_clear_error(tmp_path):
     """Where CuPy or a GPU is missing (CI), asking for it names what to install; with a GPU it works."""
     if cupy_available():

@@ -340,3 +340,19 @@ def test_a_cache_holding_the_whole_prompt_refeeds_its_last_token(checkpoints, cu
     model(ids, cache=cache)
     out = minphi3.generate(model, ids, max_new_tokens=6, eos_token_id=[], cache=cache, cuda_graph=cuda_graph)
     np.testing.assert_array_equal(out, minphi3.generate(model, ids, max_new_tokens=6, eos_token_id=[]))
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_long_factor_cache_rewound_below_the_switch_is_refed(tmp_path, cuda_graph):
+    """A chat turn that re-renders shorter can rewind a cache whose keys were rotated with the long
+    factors to below the switch: generate drops it and feeds the prompt with the short ones."""
+    folder = save_tiny(tmp_path / "longrope", max_position_embeddings=64, original_max_position_embeddings=16,
+                       rope_scaling=longrope_scaling(8))  # fmt: skip
+    model = minphi3.load(folder)
+    ids = random_ids(1, 30, seed=1)
+    cache = model.new_cache(1, 64)
+    model(ids, cache=cache)
+    assert cache.long_rope and cache.rewind(5)
+    out = minphi3.generate(model, ids[:, :10], max_new_tokens=4, eos_token_id=[], cache=cache, cuda_graph=cuda_graph)
+    np.testing.assert_array_equal(out, minphi3.generate(model, ids[:, :10], max_new_tokens=4, eos_token_id=[]))
+    assert not cache.long_rope
