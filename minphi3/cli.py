@@ -61,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     parity = command("parity", "compare every stage with transformers")
     parity.add_argument("path", help="checkpoint folder")
     parity.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parity.add_argument("--save", metavar="TRACE.npz", help="write every intermediate array to this file")
+    parity.add_argument("--lift", action="store_true",
+                        help="with --dtype float64: run transformers' float32 steps (RMSNorm statistics, softmax, "
+                             "rope tables) in float64 too, the golden comparison (differences ~1e-14)")
+    parity.add_argument("--save", metavar="TRACE.npz",
+                        help="write every intermediate array to this file (names and shapes: the docstring of "
+                             "minphi3/parity.py, `python -c 'import minphi3.parity; help(minphi3.parity)'`)")
     parity.add_argument("--length", type=int, default=16, help="tokens in the probe input (default 16)")
     parity.add_argument("--seed", type=int, default=0, help="seed of the probe input")
 
@@ -266,6 +271,8 @@ def run_parity(args) -> int:
         raise UsageError(f"{path}: expected a checkpoint folder")
     if args.length <= 0:
         raise UsageError("--length must be positive")
+    if args.lift and args.dtype != "float64":
+        raise UsageError("--lift compares float64 runs: give --dtype float64")
     model = load(path, dtype=args.dtype)
     ids = probe_ids(model.config.vocab_size, min(args.length, model.config.max_position_embeddings), args.seed)
     ours = minphi3_trace(model, ids)
@@ -276,11 +283,12 @@ def run_parity(args) -> int:
         theirs = None
     else:
         try:
-            theirs = transformers_trace(path, ids, args.dtype)
+            theirs = transformers_trace(path, ids, args.dtype, lift=args.lift)
         except Exception as exc:  # transformers refuses some valid configs (the 2024 "su" spelling)
             print(f"transformers could not run this checkpoint ({type(exc).__name__}: {str(exc)[:200]})")
             theirs = None
-    print(f"{path} ({model.config.architectures[0]}, {args.dtype}, {ids.shape[1]} tokens)")
+    oracle = "transformers with its float32 steps lifted" if args.lift else "transformers as shipped"
+    print(f"{path} ({model.config.architectures[0]}, {args.dtype}, {ids.shape[1]} tokens; against {oracle})")
     if theirs is not None:
         print(format_table(difference_rows(ours, theirs)))
     else:

@@ -400,7 +400,10 @@ class Model:
         [batch, seq] (default: cached + arange(seq)); labels: [batch, seq] unshifted, -100 ignored;
         cache: a KVCache from `new_cache`, read and extended in place; trace: a dict to fill with
         the rope tables (`rope.cos`, `rope.sin`) and every layer's intermediate arrays
-        (`layer.N.attn.q`, ...: the names are listed in minphi3/parity.py).
+        (`layer.N.attn.q`, ...: the names are listed in minphi3/parity.py). `layer.N.attn.weights`
+        only with output_attentions=True (otherwise attention runs in query blocks and never holds
+        them whole); with a cache its key axis is the cached tokens plus the new ones,
+        [batch, heads, seq, cached + seq], oldest first.
         """
         config, xp = self.config, self.xp
         ids = check_token_ids(input_ids, config.vocab_size)

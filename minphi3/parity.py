@@ -28,7 +28,10 @@ it ran, are prefixed `transformers.`; `input_ids` is stored as is):
 Phi-3 layers are x + attn, then + mlp, so `layer.N = residual + mlp.output`. Phi (phi-1/1.5/2)
 layers are parallel: `layer.N = x + attn.output + mlp.output`, with the MLP reading input_norm; they
 have no residual or post_attention_norm, and with qk_layernorm `attn.q`/`attn.k` are taken after
-that norm (the rotation's input, as in transformers). Arrays are in the model's dtype.
+that norm (the rotation's input, as in transformers). minphi3's arrays are in the model's dtype;
+transformers' are stored as float64 whatever dtype it ran in. A float64 run compares with
+transformers as shipped (its RMSNorm statistics, softmax and rope tables stay float32, so stages
+differ at float32 rounding) unless `--lift` runs those steps in float64 too (`lifted_float32_steps`).
 
 The per-layer arrays are recorded by the decoder layers themselves (`StepContext.keep` in
 minphi3/model.py) during the one forward pass, so they are exactly what the model computed.
@@ -36,6 +39,7 @@ minphi3/model.py) during the one forward pass, so they are exactly what the mode
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -70,8 +74,10 @@ def minphi3_trace(model, input_ids) -> dict[str, np.ndarray]:
     return trace
 
 
-def transformers_trace(folder, input_ids, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """The same stages from transformers (eager attention), captured with forward hooks."""
+def transformers_trace(folder, input_ids, dtype: str = "float32", lift: bool = False) -> dict[str, np.ndarray]:
+    """The same stages from transformers (eager attention), captured with forward hooks, as
+    float64 arrays whatever `dtype` ran. lift: with dtype float64, run transformers' three float32
+    steps in float64 too (`lifted_float32_steps`): the golden comparison."""
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
@@ -92,7 +98,9 @@ def transformers_trace(folder, input_ids, dtype: str = "float32") -> dict[str, n
     handles += [layer.register_forward_hook(keep(f"layer.{i}")) for i, layer in enumerate(base.layers)]
     norm = base.norm if hasattr(base, "norm") else base.final_layernorm
     handles.append(norm.register_forward_hook(keep("final_norm")))
-    with torch.no_grad():
+    if lift and dtype != "float64":
+        raise ValueError("lifting transformers' float32 steps needs dtype float64")
+    with torch.no_grad(), (lifted_float32_steps(model) if lift else contextlib.nullcontext()):
         logits = model(torch.as_tensor(np.asarray(input_ids))).logits
     for handle in handles:
         handle.remove()
@@ -100,11 +108,92 @@ def transformers_trace(folder, input_ids, dtype: str = "float32") -> dict[str, n
     return captured
 
 
+class lifted_float32_steps:
+    """Context manager: transformers' float64 model with its three float32 steps done in float64.
+
+    Even in a float64 model transformers computes RMSNorm statistics, the attention softmax and the
+    rope tables (inv_freq, angles, cos, sin) in float32. Inside this context those three steps run
+    in float64 (the same formulas with the dtype changed), so the oracle is float64 throughout and
+    minphi3's float64 mode can be held to 1e-9 (`parity --dtype float64 --lift`, and the tests).
+    Works for the Phi3 and Phi models (causal LM and classification heads); it patches
+    transformers' Phi3RMSNorm and eager attention for as long as the context lasts.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        import math  # noqa: PLC0415
+
+        import torch  # noqa: PLC0415
+        from transformers.models.phi import modeling_phi  # noqa: PLC0415
+        from transformers.models.phi3 import modeling_phi3  # noqa: PLC0415
+
+        self.saved = [
+            (modeling_phi3.Phi3RMSNorm, "forward", modeling_phi3.Phi3RMSNorm.forward),
+            (modeling_phi3, "eager_attention_forward", modeling_phi3.eager_attention_forward),
+            (modeling_phi, "eager_attention_forward", modeling_phi.eager_attention_forward),
+        ]
+
+        def rms_forward(module, hidden_states):
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            return module.weight * (hidden_states * torch.rsqrt(variance + module.variance_epsilon))
+
+        def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+            key = modeling_phi3.repeat_kv(key, module.num_key_value_groups)
+            value = modeling_phi3.repeat_kv(value, module.num_key_value_groups)
+            weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+            if attention_mask is not None:
+                weights = weights + attention_mask
+            weights = torch.nn.functional.softmax(weights, dim=-1, dtype=query.dtype)
+            return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+        config = self.model.config
+        rope = dict(config.rope_parameters)
+        head_dim = config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        rotary = self.model.model.rotary_emb
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+
+        def rotary_forward(x, position_ids):
+            exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+            factors = torch.ones(dim // 2, dtype=torch.float64)
+            if rope.get("rope_type") == "longrope":
+                long = int(position_ids.max()) + 1 > rope["original_max_position_embeddings"]
+                factors = torch.tensor(rope["long_factor" if long else "short_factor"], dtype=torch.float64)
+            elif rope.get("rope_type") == "linear":
+                factors = torch.full((dim // 2,), float(rope["factor"]), dtype=torch.float64)
+            elif rope.get("rope_type", "default") != "default":
+                raise NotImplementedError(f"lifted_float32_steps: rope_type {rope['rope_type']!r}")
+            inv_freq = 1.0 / (factors * rope["rope_theta"] ** exponents)
+            freqs = position_ids[..., None].to(torch.float64) * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
+
+        assert not math.isnan(scaling)
+        modeling_phi3.Phi3RMSNorm.forward = rms_forward
+        modeling_phi3.eager_attention_forward = eager
+        modeling_phi.eager_attention_forward = eager
+        self.saved.append((rotary, "forward", None))
+        rotary.forward = rotary_forward
+        return self.model
+
+    def __exit__(self, *exc):
+        for owner, name, value in self.saved:
+            if value is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+        return False
+
+
 STAGE_NAME = re.compile(r"embedding|layer\.\d+|final_norm|logits")  # the report's rows
 
 
 def difference_rows(ours: dict, theirs: dict, every_array: bool = False) -> list[tuple[str, float, float]]:
     """(name, max |a - b|, max |a - b| / max |b|) for every stage both traces hold, in order: the
+    second figure is relative to the stage's largest value, not an element-wise relative error
+    (which near-zero entries would blow up); the
     embedding, each layer's output, the final norm, the logits. every_array: every array both
     hold (the layers' intermediates too, when both traces are minphi3's)."""
     rows = []
@@ -119,8 +208,8 @@ def difference_rows(ours: dict, theirs: dict, every_array: bool = False) -> list
 
 
 def format_table(rows) -> str:
-    """The report: one line per stage, `stage  max |delta|  max rel`."""
-    lines = [f"{'stage':<14}{'max |delta|':>14}{'max rel':>14}", "-" * 42]
+    """The report: one line per stage, `stage  max |delta|  max |delta| / max |ref|`."""
+    lines = [f"{'stage':<14}{'max |delta|':>14}{'/ max |ref|':>14}", "-" * 42]
     lines += [f"{name:<14}{absolute:>14.3e}{relative:>14.3e}" for name, absolute, relative in rows]
     return "\n".join(lines)
 

@@ -19,7 +19,6 @@ from safetensors import safe_open
 from tiny_checkpoints import (
     FLOAT64_TOLERANCE,
     assert_logits_close,
-    lifted_float32_islands,
     load_oracle,
     longrope_scaling,
     oracle_forward,
@@ -30,6 +29,7 @@ from tiny_checkpoints import (
 
 import minphi3
 from minphi3.attention import QUERY_BLOCK
+from minphi3.parity import lifted_float32_steps
 from minphi3.rope import use_long_factors
 
 
@@ -266,7 +266,7 @@ def test_prefill_in_query_blocks_matches_transformers(long_zoo, monkeypatch, nam
     if dtype == "float32":
         theirs = oracle_forward(oracle, ids, **kwargs).logits.numpy()
     else:
-        with lifted_float32_islands(oracle):
+        with lifted_float32_steps(oracle):
             theirs = oracle_forward(oracle, ids, **kwargs).logits.numpy()
     assert ours.dtype == np.dtype(dtype)
     assert_logits_close(ours[real], theirs[real], dtype)
@@ -500,7 +500,7 @@ def test_float64_against_the_lifted_oracle(zoo, name, case):
     ours = _logits(model64(ids, **kwargs))
     assert ours.dtype == np.float64
     oracle64 = zoo.oracle(name, "float64")
-    with lifted_float32_islands(oracle64):
+    with lifted_float32_steps(oracle64):
         lifted = oracle_forward(oracle64, ids, **kwargs).logits.numpy()
     difference = assert_logits_close(ours[real], lifted[real], "float64")
     if not case.get("padded"):

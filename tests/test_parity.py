@@ -19,7 +19,7 @@ from transformers.models.phi3 import modeling_phi3
 
 import minphi3
 from minphi3.cli import main
-from minphi3.parity import minphi3_trace, probe_ids
+from minphi3.parity import STAGE_NAME, minphi3_trace, probe_ids
 
 PHI3_LAYER = ["input_norm", "attn.q", "attn.k", "attn.v", "attn.q_rotated", "attn.k_rotated", "attn.weights",
               "attn.output", "residual", "post_attention_norm", "mlp.output"]
@@ -227,3 +227,26 @@ def test_parity_table_runs_for_float64(zoo, tmp_path, capsys):
     assert saved["minphi3.layer.0.attn.q_rotated"].dtype == np.float64
     assert saved["minphi3.rope.cos"].dtype == np.float64
     assert saved["transformers.logits"].dtype == np.float64
+
+
+@pytest.mark.parametrize("name", ["partial_tied", "window", "longrope"])
+def test_parity_lift_shows_the_golden_float64_agreement(zoo, capsys, name):
+    """With --lift the oracle is transformers float64 throughout: every stage within 1e-9 (the
+    golden claim), where the stock comparison sits at float32 rounding."""
+    folder = str(zoo.folder(name))
+
+    def rows(*extra):
+        assert main(["parity", folder, "--dtype", "float64", "--length", "40", *extra]) == 0
+        out = capsys.readouterr().out
+        return out.splitlines()[0], {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
+                                     if line.split() and STAGE_NAME.fullmatch(line.split()[0])}  # fmt: skip
+
+    header, lifted = rows("--lift")
+    assert "float32 steps lifted" in header and len(lifted) == 5
+    assert max(lifted.values()) <= 1e-9, lifted
+    _, stock = rows()
+    assert stock["logits"] > 1e3 * max(lifted["logits"], 1e-16)
+
+
+def test_parity_lift_needs_float64(zoo):
+    assert main(["parity", str(zoo.folder("mha")), "--lift"]) == 2

@@ -31,7 +31,6 @@ import transformers
 from safetensors import safe_open
 from tiny_checkpoints import (
     assert_logits_close,
-    lifted_float32_islands,
     load_oracle,
     oracle_forward,
     random_ids,
@@ -44,6 +43,7 @@ from minphi3.errors import ConfigError
 from minphi3.mlp import gelu_mlp
 from minphi3.model import parameter_shapes
 from minphi3.ops import gelu_new
+from minphi3.parity import lifted_float32_steps
 
 # name -> keyword arguments of save_tiny (TINY_PHI: vocab 96, 2 layers, 4 heads, pad 0, bos 1, eos 2)
 CHECKPOINTS = {
@@ -193,7 +193,7 @@ def test_float64_matches_the_lifted_oracle_to_1e9(phi, name):
     ours = phi.model(name, "float64")(ids, output_hidden_states=True, output_attentions=True)
     assert ours.logits.dtype == np.float64
     stock = oracle_forward(oracle, ids)
-    with lifted_float32_islands(oracle):
+    with lifted_float32_steps(oracle):
         lifted = oracle_forward(oracle, ids, output_hidden_states=True, output_attentions=True)
     restored = oracle_forward(oracle, ids)
     assert_logits_close(ours.logits, lifted.logits, dtype="float64")
