@@ -86,8 +86,11 @@ def test_products_recorded_in_a_cuda_graph_equal_cupys():
                                        atol=tolerance * 10, err_msg=f"{name} {dtype} after an update")  # fmt: skip
 
 
-def test_chat_turns_reuse_the_cache_with_the_graph(tmp_path):
-    folder = save_tiny(tmp_path / "m")
+@pytest.mark.parametrize("overrides", [{}, dict(sliding_window=20)], ids=["plain", "window_wider_than_the_cache"])
+def test_chat_turns_reuse_the_cache_with_the_graph(tmp_path, overrides):
+    """The caches start at 8 slots: the graph's cache must grow to the window first (a window of
+    20 is passed by the third turn), as the CPU's ordinary steps make it grow."""
+    folder = save_tiny(tmp_path / "m", **overrides)
     ids = random_ids(1, 8)
     gpu, cpu = minphi3.load(folder, backend="cupy"), minphi3.load(folder)
     caches = {"gpu": gpu.new_cache(1, 8), "cpu": cpu.new_cache(1, 8)}
