@@ -18,6 +18,7 @@ The price is size: four bytes per parameter (540 MB for the 135M-parameter demo 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -83,9 +84,9 @@ def convert_gguf(in_path, out_dir, progress: bool = False, overwrite: bool = Fal
     end, so an interrupted conversion never leaves a half-written checkpoint; that folder is made
     first, so an output that cannot be written is refused before the tensors are read. An
     `out_dir` that already holds files is refused unless `overwrite`: then the five files are
-    replaced, and the files that would shadow them (`SHADOWING_FILES`, other *.safetensors, the
-    `additional_chat_templates` folder) are removed; any other file is left alone. A symlink to
-    a folder is followed.
+    replaced, and the files that would shadow them (`shadowing_files`: an old index and the
+    shards it names, template files, the `additional_chat_templates` folder) are removed, all or
+    none; any other file is left alone. A symlink to a folder is followed.
     """
     from safetensors.numpy import save_file  # noqa: PLC0415
 
@@ -118,9 +119,7 @@ def convert_gguf(in_path, out_dir, progress: bool = False, overwrite: bool = Fal
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         if out_dir.exists():  # overwrite: replace our files one by one
-            _remove_shadowing_files(out_dir)
-            for name in OUTPUT_FILES:
-                os.replace(staging / name, out_dir / name)
+            _replace_checkpoint_files(staging, out_dir)
         else:
             os.replace(staging, out_dir)
     except OSError as exc:
@@ -130,15 +129,42 @@ def convert_gguf(in_path, out_dir, progress: bool = False, overwrite: bool = Fal
     return out_dir
 
 
-def _remove_shadowing_files(folder: Path) -> None:
-    """Remove what would make a loader read another checkpoint than the one written (see
-    `SHADOWING_FILES`): those files, every *.safetensors but model.safetensors, and the
-    `additional_chat_templates` folder."""
-    stale = [folder / name for name in SHADOWING_FILES]
-    stale += [path for path in folder.glob("*.safetensors") if path.name != "model.safetensors"]
-    for path in stale:
-        if path.is_file() or path.is_symlink():
-            path.unlink()
+def shadowing_files(folder: Path) -> list[Path]:
+    """What in `folder` would make a loader read another checkpoint than the one written: the
+    `SHADOWING_FILES` present, the shards the old index names, the `additional_chat_templates`
+    folder. Other files, other *.safetensors among them (an adapter), are not touched."""
+    found = [folder / name for name in SHADOWING_FILES if (folder / name).is_file() or (folder / name).is_symlink()]
+    index = folder / "model.safetensors.index.json"
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}) if index.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        weight_map = {}  # an unreadable index goes; the shards it may name stay
+    shards = {shard for shard in weight_map.values() if isinstance(shard, str) and Path(shard).name == shard}
+    found += [folder / shard for shard in sorted(shards - {"model.safetensors"}) if (folder / shard).is_file()]
     templates = folder / "additional_chat_templates"
-    if templates.is_dir() and not templates.is_symlink():
-        shutil.rmtree(templates)
+    if templates.is_dir() or templates.is_symlink():
+        found.append(templates)
+    return found
+
+
+def _replace_checkpoint_files(staging: Path, folder: Path) -> None:
+    """Move the written files from `staging` into `folder`, replacing its old ones and removing
+    the `shadowing_files`. The old files are first moved aside into `staging` (the same file
+    system), so a failure part-way puts them all back; `staging` is deleted afterwards."""
+    aside = staging / ".replaced"
+    aside.mkdir()
+    moved: list[tuple[Path, Path]] = []
+    try:
+        old = [folder / name for name in OUTPUT_FILES if (folder / name).exists() or (folder / name).is_symlink()]
+        for number, path in enumerate(old + shadowing_files(folder)):
+            target = aside / f"{number}-{path.name}"
+            os.replace(path, target)
+            moved.append((target, path))
+        for name in OUTPUT_FILES:
+            os.replace(staging / name, folder / name)
+    except OSError:
+        undo = [(folder / name, staging / name) for name in OUTPUT_FILES if not (staging / name).exists()]
+        for source, target in undo + [(target, path) for target, path in reversed(moved)]:
+            with contextlib.suppress(OSError):  # put back all that can be, then report the first failure
+                os.replace(source, target)
+        raise

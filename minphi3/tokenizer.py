@@ -181,8 +181,9 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 def _read_chat_templates(folder: Path, config: dict):
-    """The chat template(s) as transformers finds them: `chat_template.jinja` and `chat_templates/*.jinja`
-    take priority over `tokenizer_config.json`'s `chat_template` entry.
+    """The chat template(s) as transformers finds them: `chat_template.jinja` and
+    `additional_chat_templates/*.jinja` (transformers' CHAT_TEMPLATE_DIR) take priority over
+    `tokenizer_config.json`'s `chat_template` entry.
 
     Returns a str, a {name: template} dict, or None.
     """
@@ -190,7 +191,7 @@ def _read_chat_templates(folder: Path, config: dict):
     single = folder / "chat_template.jinja"
     if single.is_file():
         templates["default"] = _read_text(single)
-    extra_dir = folder / "chat_templates"
+    extra_dir = folder / "additional_chat_templates"
     if extra_dir.is_dir():
         for file in sorted(extra_dir.glob("*.jinja")):
             templates[file.name.removesuffix(".jinja")] = _read_text(file)

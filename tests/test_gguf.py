@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -412,11 +413,36 @@ def test_convert_force_removes_the_files_that_would_shadow_the_new_checkpoint(ph
     (out / "additional_chat_templates").mkdir()
     (out / "additional_chat_templates" / "tool_use.jinja").write_text("OLD")
     (out / "README.md").write_text("the user's notes")
+    (out / "adapter_model.safetensors").write_bytes(b"a LoRA adapter: no loader reads it as the model")
     convert_gguf(path, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", *OUTPUT_FILES])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "adapter_model.safetensors", *OUTPUT_FILES])
     assert_logits_close(logits(minphi3.load(out), SHORT_IDS), logits(minphi3.load(path), SHORT_IDS))
     messages = [{"role": "user", "content": "hi"}]
     assert load_tokenizer(out).apply_chat_template(messages) == load_tokenizer(path).apply_chat_template(messages)
+
+
+def test_convert_force_puts_every_old_file_back_when_a_move_fails(phi3_file, tmp_path, monkeypatch):
+    import os
+
+    from minphi3 import convert
+
+    out = tmp_path / "converted"
+    convert_gguf(phi3_file[0], out)
+    (out / "chat_template.jinja").write_text("the old template")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_replace, calls = os.replace, []
+
+    def failing_replace(source, target):
+        calls.append(target)
+        if Path(target) == out / "tokenizer.json" and calls.count(target) == 1:  # the first time only
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(convert.os, "replace", failing_replace)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        convert_gguf(phi3_file[0], out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".converted.")]  # no staging left
 
 
 def test_convert_refuses_an_output_it_cannot_create_before_reading_tensors(phi3_file, tmp_path, monkeypatch):

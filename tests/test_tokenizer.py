@@ -583,6 +583,25 @@ def test_named_chat_templates(pairs):
     assert tok.apply_chat_template(messages, tools=[{"name": "f"}]) == "T1"
 
 
+def test_additional_chat_templates_folder_as_transformers_reads_it(folders, tmp_path):
+    """transformers 5 saves named templates as additional_chat_templates/NAME.jinja next to
+    chat_template.jinja; both sides must find and pick them alike."""
+    import shutil
+
+    folder = tmp_path / "named"
+    shutil.copytree(folders["chatml"], folder)
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("T{{ tools | length }}", encoding="utf-8")
+    ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    assert isinstance(theirs.chat_template, dict) and set(theirs.chat_template) == {"default", "tool_use"}
+    messages = [{"role": "user", "content": "hi"}]
+    for tools in (None, [{"name": "f"}]):
+        assert ours.apply_chat_template(messages, tools=tools) == theirs.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
+        )
+    assert ours.apply_chat_template(messages, tools=[{"name": "f"}]) == "T1"
+
+
 # ------------------------------------------------------------------------------------------------
 # Stop tokens
 # ------------------------------------------------------------------------------------------------
