@@ -709,9 +709,10 @@ def render_chat_template(
     variables = {**special_tokens, **_plain(extra)}
     try:
         compiled = _compile_template(template)
-        return compiled.render(
-            messages=chat, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt, **variables
-        )
+        return render_bounded(
+            compiled, messages=chat, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+            **variables,
+        )  # fmt: skip
     except jinja2.TemplateError as exc:
         raise TokenizerError(f"{source}: chat template: {type(exc).__name__}: {exc}") from None
     except MemoryError:
@@ -720,27 +721,54 @@ def render_chat_template(
         raise TokenizerError(f"{source}: chat template failed: {type(exc).__name__}: {exc}") from None
 
 
-MAX_TEMPLATE_PRODUCT = 1 << 24  # items (characters) a `*` in a chat template may build: 16 Mi
+# Bounds on what a chat template (a stranger's program) may build. Real templates stay far below:
+# a conversation of a few thousand characters, loops of a few hundred turns.
+MAX_TEMPLATE_ITEMS = 1 << 24  # characters (or items) one value may hold: 16 Mi
+MAX_TEMPLATE_OUTPUT = 1 << 26  # characters of the whole rendered prompt: 64 Mi
 MAX_TEMPLATE_POWER_BITS = 1 << 16  # bits of an integer a `**` may build
 
 
-class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
-    """transformers' sandbox, plus a bound on what `*` and `**` may build: `'x' * 10**10` in a
-    template from a stranger would otherwise ask for 10 GB, and `(2**1000)**1000000` for minutes
-    of work."""
+def _template_size(value) -> int:
+    """How many characters (or items) `value` holds, one level into a list: 'x' * n is n, and
+    ['x' * n] * m is n * m."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(len(item) if isinstance(item, (str, list, tuple)) else 1 for item in value)
+    return 0
 
-    intercepted_binops = frozenset(["*", "**"])
+
+def _check_template_size(size: int, what: str) -> None:
+    if size > MAX_TEMPLATE_ITEMS:
+        raise jinja2.exceptions.SecurityError(f"the template {what} {size} items (more than {MAX_TEMPLATE_ITEMS})")
+
+
+def _check_template_numbers(values, what: str) -> None:
+    """A width or count above MAX_TEMPLATE_ITEMS ('x'.ljust(10**10), '%*s' % (10**10, 'x'),
+    'x'|center(10**10)) would build a value of that size."""
+    for value in values:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_ITEMS:
+            raise jinja2.exceptions.SecurityError(f"the template passes {value} to {what} (at most {MAX_TEMPLATE_ITEMS})")
+
+
+class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, plus bounds on what a template may build, so that a template from a
+    stranger cannot ask for gigabytes (`'x' * 10**10`) or minutes of work (`(2**1000)**1000000`):
+    `*`, `+` and `**` results, numbers passed to calls, `%` and the widening filters, values kept
+    on a namespace across a loop (`_TemplateNamespace`), and the whole output (`render_bounded`)."""
+
+    intercepted_binops = frozenset(["*", "+", "**", "%"])
 
     def call_binop(self, context, operator, left, right):
         if operator == "*":
             for sequence, count in ((left, right), (right, left)):
                 if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
-                    if len(sequence) * count > MAX_TEMPLATE_PRODUCT:
-                        raise jinja2.exceptions.SecurityError(
-                            f"the template repeats a sequence of {len(sequence)} items {count} times "
-                            f"(more than {MAX_TEMPLATE_PRODUCT} items)"
-                        )
-        if operator == "**" and isinstance(left, int) and isinstance(right, int):
+                    _check_template_size(_template_size(sequence) * count, f"repeats a sequence {count} times:")
+        elif operator == "+":
+            _check_template_size(_template_size(left) + _template_size(right), "concatenates")
+        elif operator == "%":
+            _check_template_numbers(right if isinstance(right, (tuple, list)) else [right], "a % format")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
             if max(left.bit_length(), 1) * right > MAX_TEMPLATE_POWER_BITS:
                 raise jinja2.exceptions.SecurityError(
                     f"the template raises a {left.bit_length()}-bit integer to the power {right} "
@@ -748,18 +776,47 @@ class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
                 )
         return super().call_binop(context, operator, left, right)
 
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
+        _check_template_numbers([*args, *kwargs.values()], getattr(__obj, "__name__", "a call"))
+        return ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
+
+
+def _bounded_filter(name: str, original):
+    """A filter that widens its value by a number argument (center, indent, format), refusing
+    numbers above MAX_TEMPLATE_ITEMS."""
+
+    def bounded(value, *args, **kwargs):
+        _check_template_numbers([*args, *kwargs.values()], f"the {name} filter")
+        return original(value, *args, **kwargs)
+
+    return bounded
+
+
+def render_bounded(compiled: jinja2.Template, **variables) -> str:
+    """compiled.render(**variables), stopped with a SecurityError once the output passes
+    MAX_TEMPLATE_OUTPUT characters (a loop printing a large value many times)."""
+    pieces, size = [], 0
+    for piece in compiled.generate(**variables):
+        size += len(piece)
+        if size > MAX_TEMPLATE_OUTPUT:
+            raise jinja2.exceptions.SecurityError(f"the rendered template passes {MAX_TEMPLATE_OUTPUT} characters")
+        pieces.append(piece)
+    return "".join(pieces)
+
 
 @lru_cache(maxsize=16)
 def _compile_template(template: str) -> jinja2.Template:
     """Compile a template in transformers' sandbox: ImmutableSandboxedEnvironment (templates come
-    from strangers and must not reach Python internals; here also bounded in what `*` and `**`
-    build, `_ChatTemplateEnvironment`) with trim_blocks, lstrip_blocks, loop
+    from strangers and must not reach Python internals; here also bounded in what they build,
+    `_ChatTemplateEnvironment`) with trim_blocks, lstrip_blocks, loop
     controls and the `{% generation %}` tag, the `tojson` filter without HTML escaping, and the
     globals raise_exception, strftime_now, dict and namespace."""
     env = _ChatTemplateEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
+    for name in ("center", "indent", "format"):
+        env.filters[name] = _bounded_filter(name, env.filters[name])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
@@ -810,6 +867,7 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
     def __setitem__(self, name, value):
         _check_namespace_name(name)
+        _check_template_size(_template_size(value), f"keeps on namespace attribute {name!r}")
         jinja2.utils.Namespace.__setitem__(self, name, value)
 
 

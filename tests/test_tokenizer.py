@@ -547,8 +547,19 @@ def test_chat_template_errors(pairs, folders, tmp_path):
 
 
 @pytest.mark.parametrize("template, message", [
-    ("{{ 'x' * 10**10 }}", "repeats a sequence of 1 items 10000000000 times"),
-    ("{{ ['a', 'b'] * 10**9 }}", "repeats a sequence of 2 items"),
+    ("{{ 'x' * 10**10 }}", "repeats a sequence 10000000000 times"),
+    ("{{ ['a', 'b'] * 10**9 }}", "repeats a sequence 1000000000 times"),
+    ("{{ (['x' * 16777216] * 8) | join }}", "repeats a sequence 8 times: 134217728 items"),
+    ("{% for i in range(100) %}{{ 'x' * 16777216 }}{% endfor %}", "rendered template passes 67108864 characters"),
+    ("{% set ns = namespace(s='') %}{% for i in range(100000) %}{% set ns.s = ns.s ~ ('x' * 1000000) %}"
+     "{% endfor %}{{ ns.s }}", "keeps on namespace attribute 's'"),
+    ("{% set ns = namespace(s='') %}{% for i in range(100000) %}{% set ns.s = ns.s + ('x' * 1000000) %}"
+     "{% endfor %}", "concatenates"),
+    ("{{ 'x'.ljust(10**10) }}", "passes 10000000000 to ljust"),
+    ("{{ '%*s' % (10**10, 'x') }}", "passes 10000000000 to a % format"),
+    ("{{ 'x' | center(10**10) }}", "the center filter"),
+    ("{{ '%*s' | format(10**10, 'x') }}", "the format filter"),
+    ("{{ 'a\nb' | indent(10**10) }}", "the indent filter"),
     ("{{ (2**1000)**1000000 }}", "raises a 1001-bit integer to the power 1000000"),
     ("{{ 1 / 0 }}", "ZeroDivisionError"),
     ("{{ 10.0 ** 400 }}", "OverflowError"),
@@ -564,7 +575,11 @@ def test_hostile_chat_templates_are_tokenizer_errors(pairs, template, message):
 
 
 def test_template_arithmetic_within_bounds_equals_transformers(pairs):
-    template = "{{ '-' * 3 }}{{ ['a'] * 2 }}{{ 2 ** 64 }}{{ 3 * 4 }}{{ 7 ** -2 }}{{ messages[0]['content'] * 2 }}"
+    template = ("{{ '-' * 3 }}{{ ['a'] * 2 }}{{ 2 ** 64 }}{{ 3 * 4 }}{{ 7 ** -2 }}{{ messages[0]['content'] * 2 }}"
+                "{{ 'a' + 'b' }}{{ [1] + [2] }}{{ 1 + 2 }}{{ '%d-%s' % (3, 'x') }}{{ 'hi' | center(8) }}"
+                "{{ 'a\nb' | indent(2) }}{{ '%s!' | format('x') }}{{ 'x'.ljust(4) }}|"
+                "{% set ns = namespace(s='') %}{% for m in messages %}{% set ns.s = ns.s ~ m['content'] %}{% endfor %}"
+                "{{ ns.s }}")
     ours = Tokenizer(pairs["phi3"][0].backend, {"chat_template": template}, source="arithmetic")
     theirs = pairs["phi3"][1]
     messages = [{"role": "user", "content": "hi"}]
