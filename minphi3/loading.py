@@ -48,10 +48,11 @@ def load(path, backend: str = "numpy", dtype: str = "float32", progress: bool = 
             return _load_gguf(path, xp, dtype, progress)
         return _load_safetensors(path, config, xp, dtype, progress)
     except MemoryError:  # the check above passed, but the memory went elsewhere meanwhile
-        raise ResourceError(
-            f"{path}: ran out of memory loading {_human(weights_nbytes(config, dtype))} of weights at "
-            f"{np.dtype(dtype).name}; use a smaller dtype or free memory"
-        ) from None
+        pass  # raised below, outside this block: the MemoryError's frames (and the tensors read) are freed
+    raise ResourceError(
+        f"{path}: ran out of memory loading {_human(weights_nbytes(config, dtype))} of weights at "
+        f"{np.dtype(dtype).name}; use a smaller dtype or free memory"
+    )
 
 
 def _load_safetensors(path: Path, config: ModelConfig, xp, dtype, progress: bool) -> Model:

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy
+from .errors import BackendError
 
 
 def probe_ids(vocab_size: int, length: int = 16, seed: int = 0) -> np.ndarray:
@@ -99,7 +100,7 @@ def transformers_trace(folder, input_ids, dtype: str = "float32", lift: bool = F
     norm = base.norm if hasattr(base, "norm") else base.final_layernorm
     handles.append(norm.register_forward_hook(keep("final_norm")))
     if lift and dtype != "float64":
-        raise ValueError("lifting transformers' float32 steps needs dtype float64")
+        raise BackendError(f"lifting transformers' float32 steps needs dtype float64, not {dtype}")
     with torch.no_grad(), (lifted_float32_steps(model) if lift else contextlib.nullcontext()):
         logits = model(torch.as_tensor(np.asarray(input_ids))).logits
     for handle in handles:

@@ -393,8 +393,10 @@ def select_next_tokens(scores, do_sample: bool, rng: np.random.Generator | None 
     total makes it exact for rows whose float32 probabilities do not sum to exactly 1). That
     position always has p > 0, since c only grows where p > 0. It is clipped to the row's last
     id with p > 0 for the case u * c[-1] rounds up to c[-1], so an id of probability zero is
-    never drawn. The generator's state advances by exactly `batch` floats per call. A row whose
-    distribution is not finite (NaN logits, or scores that overflowed) is a GenerationError.
+    never drawn. The generator's state advances by exactly `batch` floats per call. When sampling,
+    a row whose distribution is not finite (NaN logits, or scores that overflowed) is a
+    GenerationError, as torch.multinomial refuses it in transformers; greedy decoding takes the
+    argmax as torch does (an overflow to +inf is still the maximum).
     """
     xp = array_module(scores)
     if not do_sample:

@@ -250,3 +250,20 @@ def test_parity_lift_shows_the_golden_float64_agreement(zoo, capsys, name):
 
 def test_parity_lift_needs_float64(zoo):
     assert main(["parity", str(zoo.folder("mha")), "--lift"]) == 2
+
+
+def test_lifted_float32_steps_restores_transformers_even_after_an_error(zoo):
+    """The context patches transformers' modules for its duration only: an exception inside it
+    leaves RMSNorm, eager attention and the rotary embedding as they were."""
+    from minphi3.parity import lifted_float32_steps
+
+    oracle = load_oracle(zoo.folder("mha"), dtype="float64")
+    originals = (modeling_phi3.Phi3RMSNorm.forward, modeling_phi3.eager_attention_forward,
+                 modeling_phi.eager_attention_forward)  # fmt: skip
+    with pytest.raises(RuntimeError, match="inside"), lifted_float32_steps(oracle):
+        assert modeling_phi3.Phi3RMSNorm.forward is not originals[0]
+        assert "forward" in vars(oracle.model.rotary_emb)
+        raise RuntimeError("inside")
+    assert (modeling_phi3.Phi3RMSNorm.forward, modeling_phi3.eager_attention_forward,
+            modeling_phi.eager_attention_forward) == originals  # fmt: skip
+    assert "forward" not in vars(oracle.model.rotary_emb)

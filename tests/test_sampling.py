@@ -607,3 +607,24 @@ def test_filtered_distribution_properties(case):
         assert np.all(p[kept] >= (min_p * np.broadcast_to(top, p.shape)[kept]) * (1 - 1e-5))
         dropped = np.isfinite(x) & ~kept
         assert np.all(p[dropped] < (min_p * np.broadcast_to(top, p.shape)[dropped]) * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("bad", ["nan", "all_masked", "overflowed"])
+def test_a_distribution_that_is_not_finite_is_refused_when_sampling(bad):
+    scores = np.zeros((2, 8), dtype=np.float32)
+    if bad == "nan":
+        scores[1, 3] = np.nan
+    elif bad == "all_masked":
+        scores[1] = -np.inf
+    else:  # what a temperature of 1e-45 makes of ordinary logits
+        with np.errstate(over="ignore"):
+            scores[1] = np.float32(np.arange(8)) / np.float32(1e-45)
+    with pytest.raises(GenerationError, match="not finite"), np.errstate(invalid="ignore"):
+        select_next_tokens(scores, True, make_rng(0))
+    assert select_next_tokens(scores[:1], True, make_rng(0)).shape == (1,)  # the healthy row alone draws
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "7", True])
+def test_make_rng_refuses_seeds_numpy_cannot_take(seed):
+    with pytest.raises(GenerationError, match="seed must be a non-negative integer"):
+        make_rng(seed)
