@@ -92,13 +92,19 @@ class KVCache:
     def rewind(self, length: int) -> bool:
         """Forget every token from index `length` on, keeping the ones before it.
 
-        -> True when done; False when the tokens before `length` are no longer all held (a
-        rolling buffer that has overwritten them), in which case the cache is reset instead.
-        Used by chat to reuse the cached conversation when a re-rendered prompt differs late.
+        -> True when done; False when a rolling buffer has overwritten keys the window of token
+        `length` still sees (index length - W + 1 on), in which case the cache is reset instead.
+        A full window's buffer can always drop its newest token: it then holds exactly the W - 1
+        keys the re-fed token needs. Used by chat to reuse the cached conversation when a
+        re-rendered prompt differs late, and by generate to re-feed a prompt's last token.
         """
         length = max(0, min(int(length), self.length))
-        holds_all = self.sliding_window is None or self.length <= self.capacity
-        if not holds_all:
+        holds_needed = (
+            self.sliding_window is None
+            or self.length <= self.capacity  # nothing overwritten yet
+            or length - (self.sliding_window - 1) >= self.length - self.capacity
+        )
+        if not holds_needed:
             self.reset()
             return False
         dropped = self.slot_index >= length

@@ -267,3 +267,29 @@ def test_reserve_caps_a_window_cache_at_the_window(zoo):
     plain = zoo.model("mha").new_cache(1, 2)
     plain.reserve(100)
     assert plain.capacity == 100
+
+
+@pytest.mark.parametrize("back", [1, 2, 4])
+def test_rewind_of_a_rolled_window_keeps_it_only_while_the_window_is_held(zoo, back):
+    """After 12 tokens a 5-slot buffer holds tokens 7..11. Re-feeding from token 11 needs keys
+    7..10, all held: rewind keeps the cache. From token 10 or 8 it needs keys 6.., overwritten:
+    rewind resets. Either way the logits that follow equal the full forward's."""
+    model = zoo.model("window")
+    ids = random_ids(1, 12, seed=6)
+    cache = model.new_cache(1, 16)
+    model(ids, cache=cache)
+    assert cache.capacity == 5 and cache.length == 12
+    kept = cache.rewind(12 - back)
+    assert kept is (back == 1)
+    start = cache.length
+    logits = _np(model(ids[:, start:], cache=cache).logits)
+    _close(logits[:, -back:], _np(model(ids).logits)[:, -back:])
+
+
+def test_rewind_of_a_window_cache_that_has_not_rolled_keeps_it(zoo):
+    model = zoo.model("window")
+    ids = random_ids(1, 4, seed=7)
+    cache = model.new_cache(1, 16)
+    model(ids, cache=cache)
+    assert cache.rewind(1) and cache.length == 1
+    _close(_np(model(ids[:, 1:], cache=cache).logits), _np(model(ids).logits)[:, 1:])
