@@ -92,19 +92,19 @@ class KVCache:
     def rewind(self, length: int) -> bool:
         """Forget every token from index `length` on, keeping the ones before it.
 
-        -> True when done; False when a rolling buffer has overwritten keys the window of token
-        `length` still sees (index length - W + 1 on), in which case the cache is reset instead.
-        A full window's buffer can always drop its newest token: it then holds exactly the W - 1
-        keys the re-fed token needs. Used by chat to reuse the cached conversation when a
-        re-rendered prompt differs late, and by generate to re-feed a prompt's last token.
+        -> True when done; False when the cache no longer holds every key token `length` will
+        see (indices length - W + 1 .. length - 1 with a window W, all before it without one),
+        in which case the cache is reset instead. Decided from `slot_index` itself, so it also
+        holds after a step that stopped half-way (an exception between `begin_step` and
+        `end_step` may already have overwritten a slot). A full window's buffer can always drop
+        its newest token: it then holds exactly the W - 1 keys the re-fed token needs. Used by
+        chat to reuse the cached conversation when a re-rendered prompt differs late, and by
+        generate to re-feed a prompt's last token.
         """
         length = max(0, min(int(length), self.length))
-        holds_needed = (
-            self.sliding_window is None
-            or self.length <= self.capacity  # nothing overwritten yet
-            or length - (self.sliding_window - 1) >= self.length - self.capacity
-        )
-        if not holds_needed:
+        first_seen = 0 if self.sliding_window is None else max(0, length - self.sliding_window + 1)
+        held = int(((self.slot_index >= first_seen) & (self.slot_index < length)).sum())
+        if held != length - first_seen:
             self.reset()
             return False
         dropped = self.slot_index >= length

@@ -293,3 +293,30 @@ def test_rewind_of_a_window_cache_that_has_not_rolled_keeps_it(zoo):
     model(ids, cache=cache)
     assert cache.rewind(1) and cache.length == 1
     _close(_np(model(ids[:, 1:], cache=cache).logits), _np(model(ids).logits)[:, 1:])
+
+
+@pytest.mark.parametrize("new", [1, 3])
+def test_rewind_after_a_step_that_stopped_half_way(zoo, new):
+    """An exception inside a layer leaves the new tokens' slots written but `length` unchanged:
+    the buffer no longer holds what `length` says. rewind must judge by the slots themselves and
+    reset here (key 7 is gone), so the logits that follow are still the full forward's."""
+    model = zoo.model("window")
+    ids = random_ids(1, 12, seed=6)
+    cache = model.new_cache(1, 16)
+    model(ids, cache=cache)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted
+
+    layer, model.decoder_layer = model.decoder_layer, interrupted
+    try:
+        with pytest.raises(Interrupted):
+            model(random_ids(1, new, seed=8), cache=cache)
+    finally:
+        model.decoder_layer = layer
+    assert cache.length == 12
+    assert not cache.rewind(11)
+    _close(_np(model(ids, cache=cache).logits), _np(model(ids).logits))
