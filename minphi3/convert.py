@@ -106,6 +106,7 @@ def convert_gguf(in_path, out_dir, progress: bool = False, overwrite: bool = Fal
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     except OSError as exc:
         raise CheckpointError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
+    keep_staging = False  # True when old files that could not be put back wait in it
     try:
         config, tensors = read_gguf_checkpoint(in_path, dtype="float32", progress=progress)
         backend, tok_config = gguf_tokenizer_parts(in_path)
@@ -119,17 +120,24 @@ def convert_gguf(in_path, out_dir, progress: bool = False, overwrite: bool = Fal
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         if out_dir.exists():  # overwrite: replace our files one by one
-            _replace_checkpoint_files(staging, out_dir)
+            _replace_checkpoint_files(staging, out_dir, in_path)
         else:
             os.replace(staging, out_dir)
+    except _OldFilesKept as exc:
+        keep_staging = True
+        raise CheckpointError(
+            f"{out_dir}: cannot write the converted checkpoint ({exc.strerror or exc.cause}), and some of its old "
+            f"files could not be put back: they are in {exc.aside}"
+        ) from None
     except OSError as exc:
         raise CheckpointError(f"{out_dir}: cannot write the converted checkpoint ({exc.strerror or exc})") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not keep_staging:
+            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
-def shadowing_files(folder: Path) -> list[Path]:
+def shadowing_files(folder: Path, in_path=None) -> list[Path]:
     """What in `folder` would make a loader read another checkpoint than the one written: the
     `SHADOWING_FILES` present, the shards the old index names, the `additional_chat_templates`
     folder. Other files, other *.safetensors among them (an adapter), are not touched."""
@@ -139,32 +147,52 @@ def shadowing_files(folder: Path) -> list[Path]:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}) if index.is_file() else {}
     except (OSError, ValueError, AttributeError):
         weight_map = {}  # an unreadable index goes; the shards it may name stay
-    shards = {shard for shard in weight_map.values() if isinstance(shard, str) and Path(shard).name == shard}
-    found += [folder / shard for shard in sorted(shards - {"model.safetensors"}) if (folder / shard).is_file()]
+    # Only what can be a shard: a plain *.safetensors name in this folder that this conversion does
+    # not write and that is not the input itself (a hostile index must not delete a user's file).
+    keep = {*OUTPUT_FILES, *SHADOWING_FILES}
+    shards = {
+        shard for shard in weight_map.values()
+        if isinstance(shard, str) and Path(shard).name == shard and shard.endswith(".safetensors") and shard not in keep
+    }  # fmt: skip
+    found += [
+        folder / shard for shard in sorted(shards)
+        if (folder / shard).is_file() and (in_path is None or (folder / shard).resolve() != Path(in_path).resolve())
+    ]  # fmt: skip
     templates = folder / "additional_chat_templates"
     if templates.is_dir() or templates.is_symlink():
         found.append(templates)
     return found
 
 
-def _replace_checkpoint_files(staging: Path, folder: Path) -> None:
+class _OldFilesKept(OSError):
+    """A failed replacement whose old files could not all be put back: they stay in `aside`."""
+
+    def __init__(self, cause: OSError, aside: Path):
+        super().__init__(cause.errno, cause.strerror)
+        self.cause, self.aside = cause, aside
+
+
+def _replace_checkpoint_files(staging: Path, folder: Path, in_path) -> None:
     """Move the written files from `staging` into `folder`, replacing its old ones and removing
     the `shadowing_files`. The old files are first moved aside into `staging` (the same file
-    system), so a failure part-way puts them all back; `staging` is deleted afterwards."""
+    system), so a failure part-way puts them all back; `staging` is deleted afterwards, unless an
+    old file could not be put back (`_OldFilesKept`: the error names where it is)."""
     aside = staging / ".replaced"
     aside.mkdir()
     moved: list[tuple[Path, Path]] = []
     try:
         old = [folder / name for name in OUTPUT_FILES if (folder / name).exists() or (folder / name).is_symlink()]
-        for number, path in enumerate(old + shadowing_files(folder)):
+        for number, path in enumerate(dict.fromkeys(old + shadowing_files(folder, in_path))):
             target = aside / f"{number}-{path.name}"
             os.replace(path, target)
             moved.append((target, path))
         for name in OUTPUT_FILES:
             os.replace(staging / name, folder / name)
-    except OSError:
+    except OSError as exc:
         undo = [(folder / name, staging / name) for name in OUTPUT_FILES if not (staging / name).exists()]
         for source, target in undo + [(target, path) for target, path in reversed(moved)]:
             with contextlib.suppress(OSError):  # put back all that can be, then report the first failure
                 os.replace(source, target)
+        if any(aside.iterdir()):
+            raise _OldFilesKept(exc, aside) from None
         raise

@@ -445,6 +445,45 @@ def test_convert_force_puts_every_old_file_back_when_a_move_fails(phi3_file, tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".converted.")]  # no staging left
 
 
+def test_convert_force_deletes_only_shards_a_hostile_index_can_name(phi3_file, tmp_path):
+    """An old index is a file from anyone: its weight_map may name the input .gguf, a README, the
+    config. --force removes only what can be a shard of it (a *.safetensors it does not write)."""
+    import shutil
+
+    out = tmp_path / "converted"
+    out.mkdir()
+    gguf_in_out = shutil.copy(phi3_file[0], out / "model.gguf")
+    (out / "README.md").write_text("notes")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    weight_map = {"a": "model.gguf", "b": "README.md", "c": "config.json", "d": "model-00001-of-00002.safetensors",
+                  "e": "model.safetensors.index.json"}  # fmt: skip
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    convert_gguf(gguf_in_out, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["model.gguf", "README.md", *OUTPUT_FILES])
+
+
+def test_convert_force_keeps_old_files_it_could_not_put_back_and_says_where(phi3_file, tmp_path, monkeypatch):
+    import os
+
+    from minphi3 import convert
+
+    out = tmp_path / "converted"
+    convert_gguf(phi3_file[0], out)
+    (out / "chat_template.jinja").write_text("the old template")
+    real_replace = os.replace
+
+    def failing_replace(source, target):
+        if Path(target) == out / "tokenizer.json" or Path(target) == out / "chat_template.jinja":
+            raise OSError(13, "Permission denied")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(convert.os, "replace", failing_replace)
+    with pytest.raises(CheckpointError, match="could not be put back: they are in") as info:
+        convert_gguf(phi3_file[0], out, overwrite=True)
+    kept = Path(str(info.value).rsplit("they are in ", 1)[1])
+    assert "the old template" in [p.read_text() for p in kept.iterdir()]  # with the old tokenizer.json
+
+
 def test_convert_refuses_an_output_it_cannot_create_before_reading_tensors(phi3_file, tmp_path, monkeypatch):
     from minphi3 import convert
 
