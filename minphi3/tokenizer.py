@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -41,6 +43,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
+import jinja2.compiler
 import jinja2.exceptions
 import jinja2.ext
 import jinja2.nodes
@@ -722,20 +725,38 @@ def render_chat_template(
 
 
 # Bounds on what a chat template (a stranger's program) may build. Real templates stay far below:
-# a conversation of a few thousand characters, loops of a few hundred turns.
+# a conversation of a few thousand characters, loops of a few hundred turns. The bounds are on
+# sizes and widths only, never on the numbers a template prints (ids, timestamps).
 MAX_TEMPLATE_ITEMS = 1 << 24  # characters (or items) one value may hold: 16 Mi
 MAX_TEMPLATE_OUTPUT = 1 << 26  # characters of the whole rendered prompt: 64 Mi
 MAX_TEMPLATE_POWER_BITS = 1 << 16  # bits of an integer a `**` may build
+_FORMAT_WIDTHS = re.compile(r"%[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?|\{[^{}]*?:[^{}\d]*(\d+)")
+
+
+MAX_TEMPLATE_VISITS = 1 << 20  # list items `_template_size` looks at before it gives up
 
 
 def _template_size(value) -> int:
-    """How many characters (or items) `value` holds, one level into a list: 'x' * n is n, and
-    ['x' * n] * m is n * m."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, (list, tuple)):
-        return sum(len(item) if isinstance(item, (str, list, tuple)) else 1 for item in value)
-    return 0
+    """How many characters (or items) `value` holds: a string its length, a list the sizes of its
+    items (each at least 1) at any depth, anything else 1. Past MAX_TEMPLATE_VISITS items it stops
+    and answers more than MAX_TEMPLATE_ITEMS (no chat template holds a million-item list), so the
+    check itself stays cheap."""
+    size, visits, stack = 0, 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += max(1, len(item))
+        elif isinstance(item, (list, tuple)):
+            visits += len(item)
+            if visits > MAX_TEMPLATE_VISITS:
+                return MAX_TEMPLATE_ITEMS + 1
+            size += 0 if item else 1
+            stack.extend(item)
+        else:
+            size += 1
+        if size > MAX_TEMPLATE_ITEMS:
+            return size
+    return size
 
 
 def _check_template_size(size: int, what: str) -> None:
@@ -743,31 +764,74 @@ def _check_template_size(size: int, what: str) -> None:
         raise jinja2.exceptions.SecurityError(f"the template {what} {size} items (more than {MAX_TEMPLATE_ITEMS})")
 
 
-def _check_template_numbers(values, what: str) -> None:
-    """A width or count above MAX_TEMPLATE_ITEMS ('x'.ljust(10**10), '%*s' % (10**10, 'x'),
-    'x'|center(10**10)) would build a value of that size."""
-    for value in values:
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_ITEMS:
-            raise jinja2.exceptions.SecurityError(f"the template passes {value} to {what} (at most {MAX_TEMPLATE_ITEMS})")
+def _check_width(width, what: str) -> None:
+    if isinstance(width, int) and not isinstance(width, bool) and abs(width) > MAX_TEMPLATE_ITEMS:
+        raise jinja2.exceptions.SecurityError(f"the template asks {what} for a width of {width} (at most {MAX_TEMPLATE_ITEMS})")
+
+
+def _check_format(template: str, arguments, what: str) -> None:
+    """`template % arguments`, `template.format(...)`, `template|format(...)`: every width the
+    format string writes (`%1000000000s`, `{:>1000000000}`), every `*` width taken from the
+    arguments, and the arguments' own sizes."""
+    arguments = list(arguments)
+    for match in _FORMAT_WIDTHS.finditer(template):
+        for width in match.groups():
+            if width == "*":
+                for argument in arguments:
+                    _check_width(argument, what)
+            elif width:
+                _check_width(int(width), what)
+    _check_template_size(len(template) + sum(_template_size(a) for a in arguments if isinstance(a, (str, list, tuple))),
+                         f"formats with {what}")  # fmt: skip
+
+
+def _check_str_method(text: str, name: str, args, kwargs) -> None:
+    """The str methods that can widen a string: padding widths, tab sizes, replace and join
+    results, format strings."""
+    values = [*args, *kwargs.values()]
+    if name in ("ljust", "rjust", "center", "zfill") and values:
+        _check_width(values[0], f"str.{name}")
+    elif name == "expandtabs" and values and isinstance(values[0], int):
+        _check_template_size(len(text) + text.count("\t") * values[0], "expands tabs into")
+    elif name == "replace" and len(values) >= 2 and isinstance(values[0], str) and isinstance(values[1], str):
+        _check_template_size(len(text) + text.count(values[0]) * max(0, len(values[1]) - len(values[0])), "replaces into")
+    elif name == "join" and values:
+        items = values[0] if isinstance(values[0], (list, tuple)) else []
+        _check_template_size(_template_size(items) + len(text) * max(0, len(items) - 1), "joins")
+
+
+class _BoundedCodeGenerator(jinja2.compiler.CodeGenerator):
+    """Jinja's code generator, with `a ~ b` going through `environment.bounded_concat`."""
+
+    def visit_Concat(self, node, frame) -> None:
+        self.write("environment.bounded_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
 
 
 class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
     """transformers' sandbox, plus bounds on what a template may build, so that a template from a
     stranger cannot ask for gigabytes (`'x' * 10**10`) or minutes of work (`(2**1000)**1000000`):
-    `*`, `+` and `**` results, numbers passed to calls, `%` and the widening filters, values kept
-    on a namespace across a loop (`_TemplateNamespace`), and the whole output (`render_bounded`)."""
+    the results of `*`, `+`, `~` and `**`, the widening str methods (padding, replace, join,
+    format) and filters (center, indent, format, join, replace), `%` formats, values kept on a
+    namespace across a loop (`_TemplateNamespace`), and the whole output (`render_bounded`).
+    Best effort: a template is still code from a stranger, and the output bound catches the rest
+    once a piece is built."""
 
     intercepted_binops = frozenset(["*", "+", "**", "%"])
+    code_generator_class = _BoundedCodeGenerator
 
     def call_binop(self, context, operator, left, right):
         if operator == "*":
             for sequence, count in ((left, right), (right, left)):
                 if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
                     _check_template_size(_template_size(sequence) * count, f"repeats a sequence {count} times:")
-        elif operator == "+":
+        elif operator == "+" and isinstance(left, (str, list, tuple)):
             _check_template_size(_template_size(left) + _template_size(right), "concatenates")
-        elif operator == "%":
-            _check_template_numbers(right if isinstance(right, (tuple, list)) else [right], "a % format")
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left, right if isinstance(right, (tuple, list)) else [right], "a % format")
         elif operator == "**" and isinstance(left, int) and isinstance(right, int):
             if max(left.bit_length(), 1) * right > MAX_TEMPLATE_POWER_BITS:
                 raise jinja2.exceptions.SecurityError(
@@ -777,19 +841,80 @@ class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - Jinja's own signature
-        _check_template_numbers([*args, *kwargs.values()], getattr(__obj, "__name__", "a call"))
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):
+            _check_str_method(owner, getattr(__obj, "__name__", ""), args, kwargs)
         return ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
 
+    def wrap_str_format(self, value):
+        """The sandbox's own str.format / str.format_map (which never passes through `call`),
+        after `_check_format` of its format string and arguments."""
+        sandboxed = super().wrap_str_format(value)
+        if sandboxed is None:
+            return None
+        text = value.__self__
 
-def _bounded_filter(name: str, original):
-    """A filter that widens its value by a number argument (center, indent, format), refusing
-    numbers above MAX_TEMPLATE_ITEMS."""
+        def checked(*args, **kwargs):
+            mapping = args[0] if value.__name__ == "format_map" and args and isinstance(args[0], Mapping) else {}
+            _check_format(text, [*args, *kwargs.values(), *mapping.values()], f"str.{value.__name__}")
+            return sandboxed(*args, **kwargs)
 
-    def bounded(value, *args, **kwargs):
-        _check_template_numbers([*args, *kwargs.values()], f"the {name} filter")
-        return original(value, *args, **kwargs)
+        return functools.update_wrapper(checked, sandboxed)
+
+    @staticmethod
+    def bounded_concat(pieces) -> str:
+        texts = [str(piece) for piece in pieces]
+        _check_template_size(sum(len(text) for text in texts), "concatenates (~)")
+        return "".join(texts)
+
+
+def _bounded_filter(original, check):
+    """`original` (a Jinja filter, its pass_eval_context mark kept by functools.wraps) after
+    `check(value, *args, **kwargs)`; a generator value is listed first so both see it."""
+
+    @functools.wraps(original)
+    def bounded(*args, **kwargs):
+        offset = 1 if getattr(original, "jinja_pass_arg", None) is not None else 0
+        args = list(args)
+        if len(args) > offset and not isinstance(args[offset], (str, list, tuple, dict)):
+            with contextlib.suppress(TypeError):
+                args[offset] = list(args[offset])
+        check(*args[offset:], **kwargs)
+        return original(*args, **kwargs)
 
     return bounded
+
+
+def _check_center(value, width=80, *_, **__):
+    _check_width(width, "the center filter")
+
+
+def _check_indent(value, width=4, *_, **__):
+    lines = str(value).count("\n")
+    if isinstance(width, str):
+        _check_template_size(len(str(value)) + lines * len(width), "indents into")
+    else:
+        _check_width(width, "the indent filter")
+
+
+def _check_format_filter(value, *args, **kwargs):
+    _check_format(str(value), [*args, *kwargs.values()], "the format filter")
+
+
+def _check_join(value, d="", attribute=None):
+    items = list(value) if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []
+    _check_template_size(_template_size(items) + len(str(d)) * max(0, len(items) - 1), "joins")
+
+
+def _check_replace(value, old="", new="", count=None):
+    text = str(value)
+    _check_template_size(len(text) + text.count(str(old)) * max(0, len(str(new)) - len(str(old))), "replaces into")
+
+
+_FILTER_CHECKS = {
+    "center": _check_center, "indent": _check_indent, "format": _check_format_filter,
+    "join": _check_join, "replace": _check_replace,
+}  # fmt: skip
 
 
 def render_bounded(compiled: jinja2.Template, **variables) -> str:
@@ -815,8 +940,9 @@ def _compile_template(template: str) -> jinja2.Template:
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
-    for name in ("center", "indent", "format"):
-        env.filters[name] = _bounded_filter(name, env.filters[name])
+    for name, check in _FILTER_CHECKS.items():
+        env.filters[name] = _bounded_filter(env.filters[name], check)
+    env.globals.pop("lipsum", None)  # lorem ipsum of any length: no chat template needs it
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()

@@ -552,14 +552,28 @@ def test_chat_template_errors(pairs, folders, tmp_path):
     ("{{ (['x' * 16777216] * 8) | join }}", "repeats a sequence 8 times: 134217728 items"),
     ("{% for i in range(100) %}{{ 'x' * 16777216 }}{% endfor %}", "rendered template passes 67108864 characters"),
     ("{% set ns = namespace(s='') %}{% for i in range(100000) %}{% set ns.s = ns.s ~ ('x' * 1000000) %}"
-     "{% endfor %}{{ ns.s }}", "keeps on namespace attribute 's'"),
+     "{% endfor %}{{ ns.s }}", "concatenates (~) 17000000 items"),
     ("{% set ns = namespace(s='') %}{% for i in range(100000) %}{% set ns.s = ns.s + ('x' * 1000000) %}"
      "{% endfor %}", "concatenates"),
-    ("{{ 'x'.ljust(10**10) }}", "passes 10000000000 to ljust"),
-    ("{{ '%*s' % (10**10, 'x') }}", "passes 10000000000 to a % format"),
+    ("{{ 'x'.ljust(10**10) }}", "asks str.ljust for a width of 10000000000"),
+    ("{{ '%*s' % (10**10, 'x') }}", "asks a % format for a width of 10000000000"),
     ("{{ 'x' | center(10**10) }}", "the center filter"),
     ("{{ '%*s' | format(10**10, 'x') }}", "the format filter"),
     ("{{ 'a\nb' | indent(10**10) }}", "the indent filter"),
+    ("{% set a = 'x' * 16000000 %}{% set b = a ~ a %}{{ b }}", "concatenates (~)"),
+    ("{% set a = 'x' * 16000000 %}{{ [a, a, a, a] | join }}", "joins"),
+    ("{{ ('x' * 1024) | join('y' * 1048576) }}", "joins"),
+    ("{{ range(100000) | map('string') | map('center', 1000) | join }}", "joins"),
+    ("{{ '{:>1000000000}'.format('x') }}", "asks str.format for a width"),
+    ("{{ '%1000000000s' % 'x' }}", "asks a % format for a width"),
+    ("{{ ('x' * 100000).replace('x', 'x' * 1000) }}", "replaces into"),
+    ("{{ ('x' * 100000) | replace('x', 'x' * 1000) }}", "replaces into"),
+    ("{{ ('y\n' * 1000000) | indent('x' * 1000) }}", "indents into"),
+    ("{{ [''] * 125000000 }}", "repeats a sequence 125000000 times"),
+    ("{{ [['x' * 16000000]] * 64 }}", "repeats a sequence 64 times"),
+    ("{{ lipsum(n=400000) }}", "'lipsum' is undefined"),
+    ("{% set ns = namespace(s='') %}{% for i in range(100000) %}{% set ns.s = [ns.s, 'x' * 1000000] %}"
+     "{% endfor %}", "keeps on namespace attribute 's'"),
     ("{{ (2**1000)**1000000 }}", "raises a 1001-bit integer to the power 1000000"),
     ("{{ 1 / 0 }}", "ZeroDivisionError"),
     ("{{ 10.0 ** 400 }}", "OverflowError"),
@@ -579,7 +593,10 @@ def test_template_arithmetic_within_bounds_equals_transformers(pairs):
                 "{{ 'a' + 'b' }}{{ [1] + [2] }}{{ 1 + 2 }}{{ '%d-%s' % (3, 'x') }}{{ 'hi' | center(8) }}"
                 "{{ 'a\nb' | indent(2) }}{{ '%s!' | format('x') }}{{ 'x'.ljust(4) }}|"
                 "{% set ns = namespace(s='') %}{% for m in messages %}{% set ns.s = ns.s ~ m['content'] %}{% endfor %}"
-                "{{ ns.s }}")
+                "{{ ns.s }}|{{ '%d' % 1700000000 }}{% set ids = namespace(seed=1700000000) %}{{ ids.seed }}"
+                "{{ '{}-{}'.format(1700000000123, 'x') }}{{ dict(id=123456789).id }}{{ '{:>6}'.format('r') }}"
+                "{% for k, v in {'request_id': 1700000000123, 'q': 'x'} | items %}{{ '  %s=%s' % (k, v) }}{% endfor %}"
+                "{{ ['a', 'b'] | join(', ') }}{{ 'ab' | replace('a', 'xy') }}{{ 'a' ~ 1 ~ 'b' }}{{ '%5.2f' % 3.14159 }}")
     ours = Tokenizer(pairs["phi3"][0].backend, {"chat_template": template}, source="arithmetic")
     theirs = pairs["phi3"][1]
     messages = [{"role": "user", "content": "hi"}]
