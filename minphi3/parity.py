@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy
-from .errors import BackendError
+from .errors import BackendError, ConfigError
 
 
 def probe_ids(vocab_size: int, length: int = 16, seed: int = 0) -> np.ndarray:
@@ -151,11 +151,17 @@ class lifted_float32_steps:
 
         config = self.model.config
         rope = dict(config.rope_parameters)
-        head_dim = config.hidden_size // config.num_attention_heads
+        if rope.get("rope_type", "default") not in ("default", "linear", "longrope"):  # checked before patching
+            raise ConfigError(
+                f"lifted_float32_steps knows the rope types default, linear and longrope, not {rope['rope_type']!r}"
+            )
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
         rotary = self.model.model.rotary_emb
         scaling = float(getattr(rotary, "attention_scaling", 1.0))
 
+        # transformers' rotary rule written again, in float64, on purpose: an oracle built from
+        # minphi3's own rope.py would compare minphi3 with itself.
         def rotary_forward(x, position_ids):
             exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
             factors = torch.ones(dim // 2, dtype=torch.float64)
@@ -164,8 +170,6 @@ class lifted_float32_steps:
                 factors = torch.tensor(rope["long_factor" if long else "short_factor"], dtype=torch.float64)
             elif rope.get("rope_type") == "linear":
                 factors = torch.full((dim // 2,), float(rope["factor"]), dtype=torch.float64)
-            elif rope.get("rope_type", "default") != "default":
-                raise NotImplementedError(f"lifted_float32_steps: rope_type {rope['rope_type']!r}")
             inv_freq = 1.0 / (factors * rope["rope_theta"] ** exponents)
             freqs = position_ids[..., None].to(torch.float64) * inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)

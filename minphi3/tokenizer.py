@@ -37,7 +37,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -870,15 +870,15 @@ class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
 
 def _bounded_filter(original, check):
     """`original` (a Jinja filter, its pass_eval_context mark kept by functools.wraps) after
-    `check(value, *args, **kwargs)`; a generator value is listed first so both see it."""
+    `check(value, *args, **kwargs)`; a generator value (`... | map(...) | join`) is listed first,
+    so that the check and the filter both see its items."""
 
     @functools.wraps(original)
     def bounded(*args, **kwargs):
         offset = 1 if getattr(original, "jinja_pass_arg", None) is not None else 0
         args = list(args)
-        if len(args) > offset and not isinstance(args[offset], (str, list, tuple, dict)):
-            with contextlib.suppress(TypeError):
-                args[offset] = list(args[offset])
+        if len(args) > offset and isinstance(args[offset], Iterator):
+            args[offset] = list(args[offset])
         check(*args[offset:], **kwargs)
         return original(*args, **kwargs)
 

@@ -267,3 +267,17 @@ def test_lifted_float32_steps_restores_transformers_even_after_an_error(zoo):
     assert (modeling_phi3.Phi3RMSNorm.forward, modeling_phi3.eager_attention_forward,
             modeling_phi.eager_attention_forward) == originals  # fmt: skip
     assert "forward" not in vars(oracle.model.rotary_emb)
+
+
+def test_lifted_float32_steps_reads_an_explicit_head_dim(tmp_path):
+    """A config may set head_dim apart from hidden / heads (12 here, not 8): the lifted rotary
+    must rotate head_dim * partial_rotary_factor dims, as transformers does."""
+    from minphi3.parity import lifted_float32_steps
+
+    folder = save_tiny(tmp_path / "head_dim", head_dim=12, partial_rotary_factor=0.5)
+    oracle, model = load_oracle(folder, dtype="float64"), minphi3.load(folder, dtype="float64")
+    ids = probe_ids(model.config.vocab_size, 20)
+    with torch.no_grad(), lifted_float32_steps(oracle):
+        theirs = oracle(torch.as_tensor(ids)).logits.numpy()
+    assert model.config.head_dim == 12
+    assert np.abs(minphi3.to_numpy(model(ids).logits) - theirs).max() <= 1e-9

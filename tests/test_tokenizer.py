@@ -596,7 +596,8 @@ def test_template_arithmetic_within_bounds_equals_transformers(pairs):
                 "{{ ns.s }}|{{ '%d' % 1700000000 }}{% set ids = namespace(seed=1700000000) %}{{ ids.seed }}"
                 "{{ '{}-{}'.format(1700000000123, 'x') }}{{ dict(id=123456789).id }}{{ '{:>6}'.format('r') }}"
                 "{% for k, v in {'request_id': 1700000000123, 'q': 'x'} | items %}{{ '  %s=%s' % (k, v) }}{% endfor %}"
-                "{{ ['a', 'b'] | join(', ') }}{{ 'ab' | replace('a', 'xy') }}{{ 'a' ~ 1 ~ 'b' }}{{ '%5.2f' % 3.14159 }}")
+                "{{ ['a', 'b'] | join(', ') }}{{ 'ab' | replace('a', 'xy') }}{{ 'a' ~ 1 ~ 'b' }}{{ '%5.2f' % 3.14159 }}"
+                "[{{ missing | center(5) }}]{{ 5 | center(5) }}{{ range(3) | map('string') | join(',') }}")
     ours = Tokenizer(pairs["phi3"][0].backend, {"chat_template": template}, source="arithmetic")
     theirs = pairs["phi3"][1]
     messages = [{"role": "user", "content": "hi"}]
