@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from emulated_cupy import cublas_gemm_strided_batched
 from tiny_checkpoints import matmul_layouts
 
 import minphi3
@@ -67,35 +68,6 @@ def test_cupy_request_without_a_gpu_is_a_clear_error(tmp_path):
 
 
 # ---- the GEMM plan that replaces `@` while a CUDA graph records ---------------------------------
-def reachable_memory(x: np.ndarray) -> np.ndarray:
-    """The elements from x's first element to its last, as one flat copy (strides are >= 0 here)."""
-    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.strides, strict=True)) // x.itemsize
-    return np.lib.stride_tricks.as_strided(x, shape=(span,), strides=(x.itemsize,)).copy()
-
-
-def cublas_gemm_strided_batched(plan, first: np.ndarray, second: np.ndarray, out: np.ndarray) -> None:
-    """What cublasGemmStridedBatchedEx computes, by its documented definition, on the memory of
-    three NumPy arrays: for each batch i, C_i = op(A_i) op(B_i) (alpha 1, beta 0) where a
-    column-major matrix's element (r, c) sits at i * stride + r + c * ld. Reading or writing
-    outside an array's memory raises IndexError."""
-    m, n, k = plan["m"], plan["n"], plan["k"]
-    a_memory, b_memory = reachable_memory(first), reachable_memory(second)
-    c_memory = out.reshape(-1)  # out is contiguous
-
-    def offsets(start, rows, cols, ld):
-        return start + np.arange(rows)[:, None] + ld * np.arange(cols)[None, :]
-
-    a_rows, a_cols = (m, k) if plan["transa"] == "N" else (k, m)
-    b_rows, b_cols = (k, n) if plan["transb"] == "N" else (n, k)
-    assert plan["lda"] >= max(1, a_rows) and plan["ldb"] >= max(1, b_rows) and plan["ldc"] >= max(1, m)
-    for i in range(plan["batch"]):
-        a = a_memory.take(offsets(i * plan["stride_a"], a_rows, a_cols, plan["lda"]), mode="raise")
-        b = b_memory.take(offsets(i * plan["stride_b"], b_rows, b_cols, plan["ldb"]), mode="raise")
-        op_a = a if plan["transa"] == "N" else a.T
-        op_b = b if plan["transb"] == "N" else b.T
-        np.put(c_memory, offsets(i * plan["stride_c"], m, n, plan["ldc"]), op_a @ op_b, mode="raise")
-
-
 def planned_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b the way backend._direct_matmul does it on the GPU (`prepare_gemm`, then one cuBLAS
     call), with the call emulated on NumPy arrays."""
@@ -146,3 +118,66 @@ def test_query_blocks_are_small_on_the_cpu_and_bounded_by_memory_on_the_gpu():
     assert query_block_size(gpu, 32 * 512, 64) == SCORES_PER_BLOCK_ON_GPU // (32 * 512)  # a 512 prompt: one block
     assert query_block_size(gpu, 32 * 4096, 64) * 32 * 4096 <= SCORES_PER_BLOCK_ON_GPU
     assert query_block_size(gpu, 1 << 30, 64) == 64
+
+
+# ---- StepReplay on `emulated_cupy`, the CPU stand-in that records and replays as CUDA does ------
+@pytest.fixture
+def emulated(monkeypatch):
+    import emulated_cupy
+
+    return emulated_cupy.install(monkeypatch)
+
+
+def test_a_replayed_graph_reads_its_buffers_where_they_are(emulated):
+    from minphi3.backend import StepReplay, copy_from_host
+
+    inputs = emulated.zeros(3, dtype=np.float64)
+    weight = emulated.asarray(np.arange(12.0).reshape(3, 4))
+    replay = StepReplay(lambda: emulated.exp(inputs[None, :]) @ weight, emulated)
+    for step in range(4):
+        copy_from_host(inputs, np.array([step, -step, 0.5]))
+        expected = np.exp(np.array([[step, -step, 0.5]])) @ np.arange(12.0).reshape(3, 4)
+        np.testing.assert_allclose(to_numpy(replay()), expected, rtol=1e-12)
+    assert replay.replaying and replay.launches == 3 and replay.graph_error is None
+
+
+def test_a_step_that_reads_a_value_back_is_never_recorded_and_still_right(emulated):
+    from minphi3.backend import StepReplay, copy_from_host
+
+    inputs = emulated.zeros(2, dtype=np.float64)
+    replay = StepReplay(lambda: inputs * float(inputs.sum()), emulated)
+    for step in range(3):
+        copy_from_host(inputs, np.array([step, 1.0]))
+        np.testing.assert_allclose(to_numpy(replay()), np.array([step, 1.0]) * (step + 1))
+    assert not replay.replaying and "cudaErrorStreamCaptureUnsupported" in replay.graph_error
+
+
+def test_a_host_value_taken_while_recording_stays_in_the_graph(emulated):
+    """What makes a step unfit for a graph: a Python value (here a host counter) is baked in at
+    recording time. The stand-in replays that as CUDA would, so the tests that compare a graph's
+    tokens with the CPU's catch it."""
+    from minphi3.backend import StepReplay
+
+    counter = {"calls": 0}
+
+    def step():
+        counter["calls"] += 1
+        return emulated.full(1, counter["calls"], dtype=np.int64)
+
+    replay = StepReplay(step, emulated)
+    assert [int(replay()[0]) for _ in range(4)] == [1, 2, 2, 2]
+
+
+def test_the_stand_in_refuses_what_cupy_refuses(emulated):
+    device = emulated.arange(3.0)
+    with pytest.raises(TypeError, match="Unsupported type"):
+        device + np.arange(3.0)
+    with pytest.raises(TypeError, match="Implicit conversion"):
+        np.asarray(device)
+    stream = emulated.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        with pytest.raises(emulated.cuda.runtime.CUDARuntimeError, match="Capture"):
+            emulated.asarray(np.arange(3.0))  # a host-to-device copy
+        with pytest.raises(emulated.cuda.runtime.CUDARuntimeError, match="Invalidated"):
+            stream.end_capture()

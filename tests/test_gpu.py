@@ -1,12 +1,20 @@
-"""The CuPy backend against the NumPy one, on a real NVIDIA GPU (issue 9). Skipped without one.
+"""The CuPy backend against the NumPy one (issue 9): on a real NVIDIA GPU, and on the CPU against
+a strict stand-in for CuPy.
 
 float32: the project's usual logits tolerance; float16: relative error under 1e-2 on the logits
 and equal greedy tokens over 32 steps on the demo model; generation equal token for token.
 On the GPU, `generate` runs one-token steps as a recorded CUDA graph by default: the tests check
 that the graph was recorded and replayed (GenerationStats), and that its products, recorded
-through cuBLAS directly (backend._capturable_matmul), equal CuPy's own.
+through cuBLAS directly (backend._direct_matmul), equal CuPy's own.
+
+Each test runs twice. [cuda] is the GPU run, marked `gpu` and skipped without CuPy and a GPU.
+[emulated] runs everywhere on `emulated_cupy`: NumPy that refuses what CuPy and CUDA graphs
+refuse (host arrays among device ones, values read back or copied in while a graph records) and
+replays a recorded graph as CUDA does. It finds, without a GPU, the faults that only a GPU
+showed before; it proves nothing about CUDA itself, and no GPU figure comes from it.
 """
 
+import emulated_cupy
 import numpy as np
 import pytest
 from tiny_checkpoints import longrope_scaling, matmul_layouts, random_ids, save_tiny
@@ -15,10 +23,16 @@ import minphi3
 from minphi3.backend import StepReplay, cupy_available, matmul
 from minphi3.generate import GenerationStats
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not cupy_available(), reason="needs CuPy and an NVIDIA GPU"),
-]
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"], autouse=True)
+def device(request, monkeypatch):
+    """"cuda": CuPy on a GPU, skipped without one; "emulated": `emulated_cupy` in CuPy's place."""
+    if request.param == "cuda":
+        if not cupy_available():
+            pytest.skip("needs CuPy and an NVIDIA GPU")
+        return request.param
+    emulated_cupy.install(monkeypatch)
+    return request.param
 
 CASES = {
     "mha": {},
