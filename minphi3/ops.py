@@ -57,9 +57,15 @@ def layer_norm(x, weight, bias, eps):
 
 
 def silu(x):
-    """silu(x) = x * sigmoid(x) = x / (1 + exp(-x)). x: any shape."""
+    """silu(x) = x * sigmoid(x) = x / (1 + exp(-x)). x: any shape, the result in x's dtype.
+
+    float16 is computed in float32 and rounded once, as PyTorch's kernel does: in float16 itself
+    exp(-x) overflows below x = -11 (silu would be a flat 0 there, with a warning) and each of
+    the three steps would round.
+    """
     xp = array_module(x)
-    return x / (1 + xp.exp(-x))
+    wide = x.astype(compute_dtype(x.dtype), copy=False)
+    return (wide / (1 + xp.exp(-wide))).astype(x.dtype, copy=False)
 
 
 def gelu_new(x):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -136,6 +137,18 @@ def test_silu_against_formula(x):
 def test_silu_like_torch():
     x = torch.linspace(-20, 20, 101)
     np.testing.assert_allclose(silu(x.numpy()), torch.nn.functional.silu(x).numpy(), rtol=2e-6, atol=1e-7)
+
+
+def test_float16_silu_is_rounded_once_like_torch():
+    """PyTorch computes a float16 silu in float32: no overflow of exp(-x) below x = -11."""
+    x = torch.linspace(-30, 30, 1201, dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float16's exp(-x) overflowing would warn
+        ours = silu(x.numpy())
+    assert ours.dtype == np.float16
+    theirs = torch.nn.functional.silu(x).numpy()
+    np.testing.assert_allclose(ours.astype(np.float32), theirs.astype(np.float32), rtol=1e-3, atol=0)
+    assert silu(np.float16([-20.0]))[0] < 0  # -4e-8: float16 arithmetic gives -0 (exp(20) overflows)
 
 
 @settings(max_examples=50, deadline=None)
