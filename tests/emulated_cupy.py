@@ -72,8 +72,23 @@ def _capturing_stream():
     return stream if stream.capturing else None
 
 
-def _refuse_during_capture(what: str) -> None:
-    """A host synchronisation or host-to-device copy: not allowed while a stream captures."""
+def _refuse_during_capture(transfer: str, what: str) -> None:
+    """A copy between host and device ("D2H" or "H2D"): CuPy refuses it while a stream captures
+    (cupy/_core/core.pyx, "the current stream is capturing"); the capture itself stays valid."""
+    if _capturing_stream() is not None:
+        raise RuntimeError(f"the current stream is capturing, so {transfer} transfers are disallowed ({what})")
+
+
+def _refuse_cublas_during_capture(operands) -> None:
+    """CuPy's own products call cuBLAS, which CuPy refuses while a stream captures (cupy#6290)."""
+    if _capturing_stream() is not None and any(
+        isinstance(a, ndarray) and a.dtype.kind in "fc" for a in operands
+    ):  # fmt: skip
+        raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
+
+
+def _invalidate_capture(what: str) -> None:
+    """A synchronisation while a stream captures: CUDA fails it and invalidates the capture."""
     stream = _capturing_stream()
     if stream is not None:
         stream.invalidated = True
@@ -212,47 +227,47 @@ class ndarray:
             "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct a NumPy array explicitly."
         )
 
-    def get(self, stream=None, order="C", out=None):
-        _refuse_during_capture("a device-to-host copy (get)")
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        _refuse_during_capture("D2H", "get")
         return np.array(self._data, order=order)
 
     def set(self, array, stream=None):
-        _refuse_during_capture("a host-to-device copy (set)")
+        _refuse_during_capture("H2D", "set")
         if not isinstance(array, np.ndarray) or array.shape != self.shape:
             raise ValueError("set needs a NumPy array of the same shape")
         self._data[...] = array
 
-    def item(self):
-        _refuse_during_capture("a value read back to the host (item)")
+    def item(self, *args):
+        if args:
+            raise TypeError("CuPy's item() takes no arguments")
+        _refuse_during_capture("D2H", "item")
         return self._data.item()
 
     def tolist(self):
-        _refuse_during_capture("a value read back to the host (tolist)")
+        _refuse_during_capture("D2H", "tolist")
         return self._data.tolist()
 
     def __int__(self):
-        _refuse_during_capture("a value read back to the host (int)")
+        _refuse_during_capture("D2H", "int")
         return int(self._data)
 
     def __float__(self):
-        _refuse_during_capture("a value read back to the host (float)")
+        _refuse_during_capture("D2H", "float")
         return float(self._data)
 
     def __bool__(self):
-        _refuse_during_capture("a value read back to the host (bool)")
+        _refuse_during_capture("D2H", "bool")
         return bool(self._data)
-
-    def __index__(self):
-        _refuse_during_capture("a value read back to the host (index)")
-        return self._data.__index__()
 
     # NumPy's functions on device arrays dispatch to CuPy's, as CuPy arranges
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         name = ufunc.__name__
         if name not in FUNCTIONS and name not in {u.__name__ for u in (*_BINARY.values(), *_COMPARE.values())}:
             return NotImplemented
+        _check_ufunc_keywords(name, kwargs)
         function = getattr(ufunc, method) if method != "__call__" else ufunc
         if name == "matmul":
+            _refuse_cublas_during_capture(inputs)
             function = _float16_product(function)
         return _wrap(_run(function, inputs, kwargs))
 
@@ -264,15 +279,15 @@ class ndarray:
     # indexing
     def __getitem__(self, key):
         if _needs_count(key):
-            _refuse_during_capture("boolean-mask indexing (it reads the count back)")
+            _refuse_during_capture("D2H", "boolean-mask indexing reads the count")
         key = _index_key(key)
         return _wrap(_run(lambda data, key: data[key], (self, key)))
 
     def __setitem__(self, key, value):
         if _needs_count(key):
-            _refuse_during_capture("boolean-mask indexing (it reads the count back)")
+            _refuse_during_capture("D2H", "boolean-mask indexing reads the count")
         if isinstance(value, np.ndarray):
-            _refuse_during_capture("a host-to-device copy (setitem)")
+            _refuse_during_capture("H2D", "setitem")
             value = value.copy()
             key = _index_key(key)
 
@@ -293,9 +308,11 @@ class ndarray:
 
     # arithmetic
     def __matmul__(self, other):
+        _refuse_cublas_during_capture((self, other))
         return _wrap(_run(_float16_product(np.matmul), (self, other)))
 
     def __rmatmul__(self, other):
+        _refuse_cublas_during_capture((self, other))
         return _wrap(_run(_float16_product(np.matmul), (other, self)))
 
     def __neg__(self):
@@ -309,6 +326,8 @@ class ndarray:
 
     # methods (the ones CuPy's ndarray has)
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
+        if casting is not None or subok is not None:
+            raise TypeError("astype: casting and subok are not supported by CuPy")
         if not copy and np.dtype(dtype) == self.dtype:
             return self
         return _wrap(_run(lambda data: data.astype(dtype, order=order), (self,)))
@@ -327,6 +346,7 @@ class ndarray:
 
     def _method(name):
         def method(self, *args, **kwargs):
+            _check_keywords(name, kwargs)
             return _wrap(_run(lambda data, *a, **k: getattr(data, name)(*a, **k), (self, *args), kwargs))
 
         method.__name__ = name
@@ -353,6 +373,8 @@ class ndarray:
 
 def _operator(function, reflected=False, in_place=False):
     def method(self, other):
+        if function in _COMPARE.values() and isinstance(other, np.ndarray) and other.ndim == 0:
+            other = other.item()  # CuPy's comparisons read a 0-d host array as a scalar
         if in_place:
             _run(function, (self, other), {"out": self})
             return self
@@ -369,6 +391,33 @@ for _name, _function in {**_BINARY, **_COMPARE}.items():
         setattr(ndarray, f"__i{_name}__", _operator(_function, in_place=True))
 
 
+# Keywords NumPy takes and CuPy 14.2 does not (its signatures)
+_REFUSED_KEYWORDS = {
+    "sum": {"initial", "where"}, "prod": {"initial", "where"}, "max": {"initial", "where"},
+    "min": {"initial", "where"}, "amax": {"initial", "where"}, "amin": {"initial", "where"},
+    "mean": {"where"}, "any": {"where"}, "all": {"where"}, "take": {"mode"},
+    "sort": {"order", "stable"}, "argsort": {"order", "stable"},
+    "zeros": {"like", "device"}, "empty": {"like", "device"}, "arange": {"like", "device"},
+    "full": {"like", "device"}, "zeros_like": {"device"}, "empty_like": {"device"},
+}  # fmt: skip
+_UFUNC_NAMES = {name for name in FUNCTIONS if isinstance(getattr(np, name, None), np.ufunc)}
+
+
+def _check_keywords(name: str, kwargs: dict) -> None:
+    refused = _REFUSED_KEYWORDS.get(name, set()) & set(kwargs)
+    if refused:
+        raise TypeError(f"CuPy's {name} takes no {', '.join(sorted(refused))}")
+    if name in ("sort", "argsort") and kwargs.get("kind") not in (None, "stable"):
+        raise ValueError(f"CuPy's {name} sorts stably only: kind={kwargs['kind']!r}")
+
+
+def _check_ufunc_keywords(name: str, kwargs: dict) -> None:
+    """CuPy's ufuncs take out, dtype and casting, nothing else."""
+    refused = set(kwargs) - {"out", "dtype", "casting"}
+    if refused and name != "matmul":
+        raise TypeError(f"Wrong arguments {sorted(refused)} for CuPy's ufunc {name}")
+
+
 def _needs_count(key) -> bool:
     keys = key if isinstance(key, tuple) else (key,)
     return any(isinstance(k, ndarray) and k.dtype == np.bool_ for k in keys)
@@ -378,7 +427,7 @@ def _index_key(key):
     """CuPy takes host index arrays too, copying them to the device first."""
     keys = key if isinstance(key, tuple) else (key,)
     if any(isinstance(k, np.ndarray) for k in keys):
-        _refuse_during_capture("a host index array copied to the device")
+        _refuse_during_capture("H2D", "a host index array")
         keys = tuple(ndarray(k.copy()) if isinstance(k, np.ndarray) else k for k in keys)
         return keys if isinstance(key, tuple) else keys[0]
     return key
@@ -392,18 +441,31 @@ def _function(name):
     if name == "nonzero":
 
         def nonzero(a):
-            _refuse_during_capture("nonzero (it reads the count back)")
+            _refuse_during_capture("D2H", "nonzero reads the count")
             return _wrap(_run(np.nonzero, (a,)))
 
         return nonzero
     if name == "copyto":
 
         def copyto(dst, src, casting="same_kind", where=True):
+            if isinstance(src, np.ndarray):
+                if src.size != 1:
+                    raise ValueError("non-scalar numpy.ndarray cannot be used for copyto")
+                src = src.item()
             _run(lambda d, s, w: np.copyto(d, s, casting=casting, where=w), (dst, src, where), in_place=True)
 
         return copyto
 
     def function(*args, **kwargs):
+        _check_keywords(name, kwargs)
+        if name in _UFUNC_NAMES:
+            _check_ufunc_keywords(name, kwargs)
+        if name in ("matmul", "dot", "einsum", "tensordot"):
+            _refuse_cublas_during_capture(args)
+        if name == "take_along_axis" and len(args) < 3 and "axis" not in kwargs:
+            raise TypeError("cupy.take_along_axis needs axis")
+        if name == "argmax" and len(args) > 2:
+            raise TypeError("cupy.argmax's third positional argument is dtype, not out: pass keywords")
         return _wrap(_run(numpy_function, args, kwargs))
 
     function.__name__ = name
@@ -413,8 +475,10 @@ def _function(name):
 def asarray(a, dtype=None, order=None, *, blocking=False):
     if isinstance(a, ndarray):
         return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
-    _refuse_during_capture("a host-to-device copy (asarray)")
-    return ndarray(np.array(a, dtype=dtype, order=order or "K", copy=True))
+    host = np.array(a, dtype=dtype, order=order or "K", copy=True)
+    if host.ndim:  # CuPy copies a 0-d value or a scalar in as a kernel argument, even while capturing
+        _refuse_during_capture("H2D", "asarray")
+    return ndarray(host)
 
 
 def array(obj, dtype=None, copy=True, order="K", ndmin=0, *, blocking=False):
@@ -447,6 +511,11 @@ class Graph:
     def upload(self, stream=None):
         pass
 
+    def debug_dot_str(self, flags=0):
+        """The graph in Graphviz's language, one KERNEL node per recorded kernel (as CUDA writes it)."""
+        nodes = "\n".join(f'node{i} [label="KERNEL {i}"];' for i in range(len(self.kernels)))
+        return f"digraph emulated {{\n{nodes}\n}}"
+
 
 class Stream:
     null = None  # set below
@@ -470,7 +539,7 @@ class Stream:
         return self
 
     def synchronize(self):
-        _refuse_during_capture("a stream synchronisation")
+        _invalidate_capture("a stream synchronisation")
 
     def begin_capture(self, mode=None):
         if self.is_null:
@@ -501,15 +570,43 @@ def get_current_stream(device_id=None):
     return _state().stream
 
 
+class Event:
+    """A point in a stream's work: here the host clock when it is recorded (work runs at once)."""
+
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.seconds = None
+
+    def record(self, stream=None):
+        import time
+
+        self.seconds = time.perf_counter()
+
+    def synchronize(self):
+        _invalidate_capture("an event synchronisation")
+
+
+def get_elapsed_time(start_event, end_event):
+    """Milliseconds between two recorded events."""
+    return (end_event.seconds - start_event.seconds) * 1e3
+
+
 class MemoryPool:
+    """The pool's interface; the memory itself is NumPy's (no figure from it means anything)."""
+
     def malloc(self, size):
         raise NotImplementedError("emulated_cupy allocates through NumPy")
 
     def used_bytes(self):
         return 0
 
+    def total_bytes(self):
+        return 0
+
     def free_all_blocks(self):
         pass
+
+
+_DEFAULT_POOL = MemoryPool()
 
 
 @contextlib.contextmanager
@@ -532,7 +629,7 @@ class Device:
         pass
 
     def synchronize(self):
-        _refuse_during_capture("a device synchronisation")
+        _invalidate_capture("a device synchronisation")
 
 
 def _memory_info():
@@ -595,11 +692,15 @@ def _build_module():
         setattr(module, name, getattr(np, name))
     module.asarray, module.array, module.asnumpy = asarray, array, asnumpy
     module.get_array_module = get_array_module
+    module.get_default_memory_pool = lambda: _DEFAULT_POOL
     cuda = types.ModuleType("cupy.cuda")
-    cuda.Stream, cuda.Device, cuda.MemoryPool, cuda.Graph = Stream, Device, MemoryPool, Graph
+    cuda.Stream, cuda.Device, cuda.MemoryPool, cuda.Graph, cuda.Event = Stream, Device, MemoryPool, Graph, Event
     cuda.get_current_stream, cuda.using_allocator = get_current_stream, using_allocator
+    cuda.get_elapsed_time = get_elapsed_time
     cuda.runtime = types.SimpleNamespace(
-        getDeviceCount=lambda: 1, memGetInfo=_memory_info, CUDARuntimeError=CUDARuntimeError
+        getDeviceCount=lambda: 1, memGetInfo=_memory_info, CUDARuntimeError=CUDARuntimeError,
+        runtimeGetVersion=lambda: 13000,
+        getDeviceProperties=lambda device: {"name": b"emulated_cupy (NumPy)", "totalGlobalMem": 1 << 34},
     )
     module.cuda = cuda
     return module

@@ -17,9 +17,10 @@ showed before; it proves nothing about CUDA itself, and no GPU figure comes from
 import emulated_cupy
 import numpy as np
 import pytest
-from tiny_checkpoints import longrope_scaling, matmul_layouts, random_ids, save_tiny
+from tiny_checkpoints import longrope_scaling, matmul_layouts, random_ids, save_tiny, save_tiny_tokenizer
 
 import minphi3
+from minphi3 import cli
 from minphi3.backend import StepReplay, cupy_available, matmul
 from minphi3.generate import GenerationStats
 
@@ -124,6 +125,32 @@ def test_seeded_sampling_on_the_gpu_repeats_and_matches_the_cpu(tmp_path):
     first = minphi3.generate(gpu_model, ids, **kwargs)
     np.testing.assert_array_equal(first, minphi3.generate(gpu_model, ids, **kwargs))
     np.testing.assert_array_equal(first, minphi3.generate(minphi3.load(folder), ids, **kwargs))
+
+
+def test_a_bfloat16_checkpoint_runs_in_float16_and_float32_on_the_gpu(tmp_path):
+    """Sharded bfloat16 weights, streamed tensor by tensor to the device in the dtype asked for."""
+    folder = save_tiny(tmp_path / "m", num_key_value_heads=2, storage_dtype="bfloat16", max_shard_size="20KB")
+    ids = random_ids(2, 16)
+    reference = minphi3.load(folder)(ids).logits
+    for dtype, tolerance in (("float32", 1e-4), ("float16", 1e-2)):
+        model = minphi3.load(folder, backend="cupy", dtype=dtype)
+        weight = model.params["model.embed_tokens.weight"]
+        assert minphi3.backend.backend_name(minphi3.backend.array_module(weight)) == "cupy" and weight.dtype == dtype
+        assert max_relative(minphi3.to_numpy(model(ids).logits).astype(np.float32), reference) < tolerance, dtype
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_the_command_line_on_the_gpu_prints_what_the_cpu_prints(tmp_path, capsys, command):
+    folder = save_tiny_tokenizer(save_tiny(tmp_path / "m", vocab_size=300, max_position_embeddings=256), 300)
+    if command == "generate":
+        arguments = ["generate", "The quick brown", "--seed", "1", "--temperature", "0.8"]
+    else:
+        arguments = ["chat", "--prompt", "What is the capital of France?"]
+    printed = {}
+    for backend in ("numpy", "cupy"):
+        assert cli.main([*arguments, "--model", str(folder), "--max-new-tokens", "12", "--backend", backend]) == 0
+        printed[backend] = capsys.readouterr().out
+    assert printed["cupy"] == printed["numpy"] and printed["cupy"].strip()
 
 
 @pytest.fixture(scope="module")
