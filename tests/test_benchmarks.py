@@ -15,6 +15,7 @@ BENCHMARKS = TESTS.parent / "benchmarks"
 # What benchmarks/common.run_worker starts: worker.py, with minphi3 on the stand-in and
 # transformers moved to the CPU (which has no device memory figure: its host peak stands in).
 WORKER_ON_THE_STAND_IN = f"""
+import sys
 sys.path[:0] = [{str(TESTS)!r}, {str(BENCHMARKS)!r}]
 args = sys.argv[1:]
 if args[args.index("--framework") + 1] == "minphi3":
@@ -55,7 +56,9 @@ def test_the_gpu_benchmark_runs_through_on_the_stand_in(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(bench_gpu, "write_results", write_results)
     bench_gpu.main(["--rounds", "1", "--repeats", "1", "--prompt-tokens", "12", "--new-tokens", "6"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "FAILED" not in captured.err, captured.err
     table = written["gpu"]["table"]
     assert [row["framework"] for row in table] == ["minphi3", "minphi3, no CUDA graph", "transformers"]
     assert "tiny: recorded decode step" in printed and "kernels)" in printed
