@@ -41,6 +41,9 @@ CASES = {
     "window": dict(sliding_window=5),
     "longrope": dict(max_position_embeddings=128, original_max_position_embeddings=16, rope_scaling=longrope_scaling(8)),
     "partial_tied": dict(partial_rotary_factor=0.75, tie_word_embeddings=True, num_key_value_heads=2),
+    # phi-2's layout: LayerNorm, one norm for a parallel attention and MLP, biases, gelu_new,
+    # separate q, k, v projections, partial rotary, LayerNorm'd q and k (phi-1.5's option)
+    "phi2": dict(architecture="PhiForCausalLM", partial_rotary_factor=0.5, num_key_value_heads=2, qk_layernorm=True),
 }
 
 
@@ -62,13 +65,24 @@ def test_cupy_logits_equal_numpy_float32(tmp_path, name):
         assert max_relative(minphi3.to_numpy(ours)[0], theirs[0]) <= 1e-4
 
 
+@pytest.mark.parametrize("architecture", ["Phi3ForSequenceClassification", "Phi3ForTokenClassification"])
+def test_classification_heads_on_the_gpu_equal_numpy(tmp_path, architecture):
+    """The sequence head pools the last token that is not padding (pad_token_id in the ids)."""
+    folder = save_tiny(tmp_path / "m", architecture=architecture, num_labels=3, pad_token_id=0)
+    ids = random_ids(2, 12)
+    ids[1, 8:] = 0  # right padding: row 1 is pooled at position 7
+    cpu = minphi3.load(folder)(ids).logits
+    gpu = minphi3.to_numpy(minphi3.load(folder, backend="cupy")(ids).logits)
+    assert gpu.shape == cpu.shape and max_relative(gpu, cpu) <= 1e-4
+
+
 def assert_graph_replayed(stats: GenerationStats):
     """Every one-token step after the first of each fixed step was a graph launch."""
     assert stats.graph_error is None, stats.graph_error
     assert stats.fixed_steps > 0 and stats.graph_launches >= stats.fixed_steps - 2
 
 
-@pytest.mark.parametrize("name", ["mha", "gqa", "window", "longrope", "partial_tied"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_cupy_generation_equals_numpy(tmp_path, name):
     folder = save_tiny(tmp_path / name, **CASES[name])
     ids = random_ids(2, 8)
@@ -178,10 +192,16 @@ def test_demo_model_float16_on_the_gpu(demo_folder):
 
 
 def test_demo_model_float32_on_the_gpu(demo_folder):
+    from minphi3.demo import fetch_demo_gguf
+
     cpu = minphi3.load(demo_folder)
     gpu = minphi3.load(demo_folder, backend="cupy")
     ids = random_ids(1, 32, vocab=cpu.config.vocab_size)
-    assert max_relative(minphi3.to_numpy(gpu(ids).logits), cpu(ids).logits) <= 1e-4
+    reference = cpu(ids).logits
+    assert max_relative(minphi3.to_numpy(gpu(ids).logits), reference) <= 1e-4
+    from_gguf = minphi3.load(fetch_demo_gguf(), backend="cupy")  # dequantized on the host, uploaded tensor by tensor
+    assert max_relative(minphi3.to_numpy(from_gguf(ids).logits), reference) <= 1e-4
+    del from_gguf
     np.testing.assert_array_equal(
         minphi3.generate(gpu, ids, max_new_tokens=16, eos_token_id=[]),
         minphi3.generate(cpu, ids, max_new_tokens=16, eos_token_id=[]),
