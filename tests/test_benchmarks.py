@@ -67,3 +67,19 @@ def test_the_gpu_benchmark_runs_through_on_the_stand_in(tmp_path, monkeypatch, c
     assert report["decode_path"]["graph_error"] is None and report["decode_path"]["graph_launches"] > 0
     assert report["decode_breakdown"]["graph_kernels"] > 0
     assert report["eager"]["tokens"] == report["tokens"]  # the graph and the kernel-by-kernel steps agree
+
+
+def test_the_kernel_count_counts_per_layer_and_puts_cupy_back(capsys, monkeypatch):
+    import re
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import kernel_count
+
+    before = sys.modules.get("cupy")
+    kernel_count.main(["--dtype", "float32", "--by-line"])
+    printed = capsys.readouterr().out
+    per_layer, fixed, phi3_mini = map(int, re.search(r"(\d+) kernels per layer \+ (\d+) .*: (\d+)\)", printed).groups())
+    assert per_layer >= 6 and fixed > 0 and phi3_mini == 32 * per_layer + fixed  # six products a layer at least
+    assert "_direct_matmul" in printed and "rms_norm" in printed  # the by-line list names the source
+    assert sys.modules.get("cupy") is before
