@@ -285,21 +285,10 @@ class ndarray:
     def __setitem__(self, key, value):
         if _needs_count(key):
             _refuse_during_capture("D2H", "boolean-mask indexing reads the count")
-        if isinstance(value, np.ndarray):
+        if isinstance(value, np.ndarray):  # CuPy copies a host value in first
             _refuse_during_capture("H2D", "setitem")
-            value = value.copy()
-            key = _index_key(key)
-
-            def assign(data, key, value=value):
-                data[key] = value
-
-            _run(assign, (self, key), in_place=True)
-            return
-
-        def assign(data, key, value):
-            data[key] = value
-
-        _run(assign, (self, _index_key(key), value), in_place=True)
+            value = ndarray(value.copy())
+        _run(_assign, (self, _index_key(key), value), in_place=True)
 
     def __iter__(self):
         for i in range(len(self)):
@@ -415,6 +404,10 @@ def _check_ufunc_keywords(name: str, kwargs: dict) -> None:
     refused = set(kwargs) - {"out", "dtype", "casting"}
     if refused and name != "matmul":
         raise TypeError(f"Wrong arguments {sorted(refused)} for CuPy's ufunc {name}")
+
+
+def _assign(data, key, value):
+    data[key] = value
 
 
 def _needs_count(key) -> bool:
