@@ -69,11 +69,20 @@ class RopeScaling:
     attention_factor: float | None = None
 
     def __getitem__(self, key: str):
-        """Dict-style access (`config.rope_scaling["long_factor"]`), as in config.json."""
+        """Dict-style access (`config.rope_scaling["long_factor"]`), as in config.json, where
+        published files spell the type "type" (transformers 5 writes "rope_type"): both work."""
+        if key == "type":
+            key = "rope_type"
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        """`dict.get` for the same keys as `[]`."""
         try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
+            return self[key]
+        except KeyError:
+            return default
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -77,6 +77,12 @@ def test_reference_config_loads_with_its_derived_values(name):
         assert config.rope_scaling.long_factor == tuple(data["rope_scaling"]["long_factor"])
         assert len(config.rope_scaling.long_factor) == rotary_dim // 2
         assert config.rope_scaling["long_factor"] == config.rope_scaling.long_factor  # dict-style access
+        # the published files' spelling of the type ("longrope", or "su" for the 2024 files) reads too
+        assert data["rope_scaling"]["type"] in ("longrope", "su")
+        assert config.rope_scaling["type"] == config.rope_scaling["rope_type"] == "longrope"
+        assert config.rope_scaling.get("type") == "longrope" and config.rope_scaling.get("nothing", 0) == 0
+        with pytest.raises(KeyError):
+            config.rope_scaling["nothing"]
     assert config.model_type == data["model_type"]
     assert config.is_phi3 is (data["model_type"] == "phi3")
 
