@@ -138,6 +138,11 @@ def generate(
     on the CPU as ordinary model calls. True: through the fixed-shape step of minphi3/decode.py
     (recorded on the GPU; on the CPU the same step, unrecorded). False: ordinary model calls.
     """
+    if model.config.head_kind != "causal_lm":  # its logits score labels, not next tokens
+        raise GenerationError(
+            f"generate needs a causal LM; this checkpoint has a {model.config.head_kind} head "
+            f"({', '.join(model.config.architectures) or model.config.model_type})"
+        )
     ids = check_token_ids(input_ids, model.config.vocab_size)
     batch, prompt_length = ids.shape
     max_new_tokens = check_length(model.config, prompt_length, max_new_tokens)

@@ -356,3 +356,16 @@ def test_a_long_factor_cache_rewound_below_the_switch_is_refed(tmp_path, cuda_gr
     out = minphi3.generate(model, ids[:, :10], max_new_tokens=4, eos_token_id=[], cache=cache, cuda_graph=cuda_graph)
     np.testing.assert_array_equal(out, minphi3.generate(model, ids[:, :10], max_new_tokens=4, eos_token_id=[]))
     assert not cache.long_rope
+
+
+@pytest.mark.parametrize("architecture", ["Phi3ForSequenceClassification", "Phi3ForTokenClassification"])
+def test_generate_refuses_a_classification_head_by_name(tmp_path, architecture):
+    """Their logits score labels: generating from them would crash (sequence) or emit label ids
+    as tokens (token classification)."""
+    folder = save_tiny_tokenizer(save_tiny(tmp_path / "m", architecture=architecture, num_labels=3,
+                                           vocab_size=300), 300)  # fmt: skip
+    with pytest.raises(minphi3.GenerationError, match="needs a causal LM; this checkpoint has a .*_classification head"):
+        minphi3.generate(minphi3.load(folder), [[5, 6, 7]], max_new_tokens=4)
+    from minphi3 import cli
+
+    assert cli.main(["generate", "--model", str(folder), "hi", "--max-new-tokens", "4"]) == 2
