@@ -270,6 +270,28 @@ def _keep_array(logits_to_keep) -> np.ndarray:
     return keep
 
 
+def host_labels(labels, shapes, integer: bool, classes: int | None = None) -> np.ndarray:
+    """`labels` checked on the host before a loss reads them: one of `shapes`, integers when
+    `integer` (each -100, ignored, or a class in [0, classes)), else real numbers.
+
+    Broadcasting or NumPy's negative indexing would otherwise turn a wrong shape or a label of
+    -5 into a silent loss. -> a host NumPy copy; GenerationError names what is wrong.
+    """
+    host = np.asarray(labels) if isinstance(labels, (list, tuple)) else to_numpy(labels)
+    expected = " or ".join(str(list(shape)) for shape in shapes)
+    if host.shape not in [tuple(shape) for shape in shapes]:
+        raise GenerationError(f"labels must have shape {expected}, found {list(host.shape)}")
+    if integer:
+        if host.dtype.kind not in "iu":
+            raise GenerationError(f"labels must be integers (class ids, -100 to ignore), found dtype {host.dtype}")
+        wrong = (host != IGNORE_INDEX) & ((host < 0) | (host >= classes))
+        if wrong.any():
+            raise GenerationError(f"labels must be -100 (ignored) or in [0, {classes}), found {host[wrong].flat[0]}")
+    elif host.dtype.kind not in "iuf" or not np.isfinite(host).all():
+        raise GenerationError(f"labels must be finite real numbers, found dtype {host.dtype}")
+    return host
+
+
 def causal_lm_loss(logits, labels):
     """Mean next-token cross-entropy: position t predicts labels[t + 1]; label -100 is ignored.
 
@@ -310,16 +332,24 @@ def sequence_classification_loss(pooled, labels, config):
     """transformers' rule: 1 label -> mean squared error; integer labels -> cross-entropy;
     otherwise (multi-hot floats) -> binary cross-entropy with logits. pooled: [batch, num_labels]"""
     xp = array_module(pooled)
-    labels = xp.asarray(labels)
+    batch, classes = pooled.shape
+    host = np.asarray(labels) if isinstance(labels, (list, tuple)) else to_numpy(labels)
     wide = pooled.astype(compute_dtype(pooled.dtype), copy=False)
     problem = config.problem_type
     if problem is None:
         if config.num_labels == 1:
             problem = "regression"
-        elif labels.dtype.kind in "iu":
+        elif host.dtype.kind in "iu":
             problem = "single_label_classification"
         else:
             problem = "multi_label_classification"
+    if problem == "regression":
+        shapes = [(batch,), (batch, 1)] if classes == 1 else [(batch, classes)]
+        labels = xp.asarray(host_labels(host, shapes, integer=False))
+    elif problem == "single_label_classification":
+        labels = xp.asarray(host_labels(host, [(batch,), (batch, 1)], integer=True, classes=classes))
+    else:
+        labels = xp.asarray(host_labels(host, [(batch, classes)], integer=False))
     if problem == "regression":
         return xp.mean((wide.reshape(labels.shape) - labels.astype(wide.dtype)) ** 2)
     if problem == "single_label_classification":
@@ -475,7 +505,8 @@ class Model:
         elif config.head_kind == "token_classification":
             logits = linear(x, self.params["score.weight"], self.params["score.bias"])
             if labels is not None:
-                loss = cross_entropy(logits, xp.asarray(labels))
+                checked = host_labels(labels, [ids.shape], integer=True, classes=config.num_labels)
+                loss = cross_entropy(logits, xp.asarray(checked))
         else:
             logits = lm_head(keep_positions(x, logits_to_keep), self.params, config)
             if labels is not None:
@@ -484,7 +515,9 @@ class Model:
                         f"labels need the logits of every position: logits_to_keep kept {logits.shape[:-1]} "
                         f"of input_ids {ids.shape} (give logits_to_keep=0)"
                     )
-                loss = causal_lm_loss(logits, labels)
+                shapes = [ids.shape, ids.shape[1:]] if ids.shape[0] == 1 else [ids.shape]  # [seq] for one row, as transformers
+                checked = host_labels(labels, shapes, integer=True, classes=config.vocab_size).reshape(ids.shape)
+                loss = causal_lm_loss(logits, checked)
         return ModelOutput(
             logits=logits,
             loss=loss,

@@ -377,6 +377,33 @@ def test_labels_and_loss(zoo):
     assert model(ids).loss is None
 
 
+def test_labels_that_transformers_refuses_are_refused_by_name(zoo):
+    """A wrong shape would broadcast and -5 would index from the end: both a silent wrong loss."""
+    model, oracle = zoo.model("gqa"), zoo.oracle("gqa")
+    ids = random_ids(2, 4, seed=11)
+    vocab = model.config.vocab_size
+    for labels, message in (
+        ([[1, 2], [3, 4]], r"shape \[2, 4\], found \[2, 2\]"),
+        ([[1, 2, -5, 3], [1, 2, 3, 4]], rf"-100 \(ignored\) or in \[0, {vocab}\), found -5"),
+        ([[1, 2, vocab, 3], [1, 2, 3, 4]], f"found {vocab}"),
+        (np.ones((2, 4)), "integers"),
+    ):
+        with pytest.raises(minphi3.GenerationError, match=message):
+            model(ids, labels=labels)
+        with pytest.raises((ValueError, IndexError, RuntimeError)):  # transformers refuses each too
+            oracle_forward(oracle, ids, labels=np.asarray(labels).astype(np.int64) if message != "integers"
+                           else np.asarray(labels))  # fmt: skip
+    one = ids[:1]  # one row: labels [seq] read as [1, seq], as transformers reads them
+    assert float(model(one, labels=one[0]).loss) == pytest.approx(float(model(one, labels=one).loss))
+    tokens, sequences = zoo.model("token_classification"), zoo.model("sequence_classification")
+    with pytest.raises(minphi3.GenerationError, match=r"in \[0, 5\), found 5"):
+        tokens(ids, labels=np.full(ids.shape, 5))
+    with pytest.raises(minphi3.GenerationError, match=r"shape \[2\] or \[2, 1\], found \[3\]"):
+        sequences(ids, labels=[0, 1, 2])
+    with pytest.raises(minphi3.GenerationError, match=r"in \[0, 3\), found 3"):
+        sequences(ids, labels=[0, 3])
+
+
 def _padded_at_the_end(pad_id=0):
     ids = random_ids(3, 8, seed=12)
     ids[1, 5:] = pad_id  # three trailing pads
