@@ -13,6 +13,7 @@ weights read, which for a large model takes a while.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -273,6 +274,8 @@ def run_parity(args) -> int:
         raise UsageError("--length must be positive")
     if args.lift and args.dtype != "float64":
         raise UsageError("--lift compares float64 runs: give --dtype float64")
+    if args.save:
+        _check_writable_output(Path(args.save))  # before the comparison, which takes a while
     model = load(path, dtype=args.dtype)
     ids = probe_ids(model.config.vocab_size, min(args.length, model.config.max_position_embeddings), args.seed)
     ours = minphi3_trace(model, ids)
@@ -296,9 +299,23 @@ def run_parity(args) -> int:
             if STAGE_NAME.fullmatch(name):  # the stages; --save writes every intermediate as well
                 print(f"{name:<14} shape {list(value.shape)}  max |x| {abs(value).max():.4e}")
     if args.save:
-        save_trace(args.save, ours, theirs)
+        try:
+            save_trace(args.save, ours, theirs)
+        except OSError as exc:
+            raise UsageError(f"--save {args.save}: cannot write it ({exc.strerror or exc})") from None
         print(f"wrote {args.save}")
     return 0
+
+
+def _check_writable_output(target: Path) -> None:
+    """Refuse an output file whose folder is missing or read-only, or that is a folder."""
+    folder = target.parent
+    if target.is_dir():
+        raise UsageError(f"--save {target}: is a folder; expected a file name (trace.npz)")
+    if not folder.is_dir():
+        raise UsageError(f"--save {target}: no such folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--save {target}: folder {folder} is not writable")
 
 
 def run_convert(args) -> int:

@@ -252,6 +252,19 @@ def test_parity_lift_needs_float64(zoo):
     assert main(["parity", str(zoo.folder("mha")), "--lift"]) == 2
 
 
+def test_parity_refuses_a_save_path_it_cannot_write_before_comparing(zoo, tmp_path, capsys, monkeypatch):
+    import minphi3.loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the --save path was checked")
+
+    monkeypatch.setattr(minphi3.loading, "load", never)
+    for target, reason in ((tmp_path / "missing" / "trace.npz", "no such folder"), (tmp_path, "is a folder")):
+        assert main(["parity", str(zoo.folder("mha")), "--save", str(target)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and reason in lines[0], lines
+
+
 def test_lifted_float32_steps_restores_transformers_even_after_an_error(zoo):
     """The context patches transformers' modules for its duration only: an exception inside it
     leaves RMSNorm, eager attention and the rotary embedding as they were."""
