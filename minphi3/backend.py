@@ -8,6 +8,7 @@ on the CPU (NumPy) and on an NVIDIA GPU (CuPy) with no branches outside this fil
 from __future__ import annotations
 
 import contextvars
+import gc
 
 import numpy as np
 
@@ -493,19 +494,29 @@ class StepReplay:
         stream = cupy.cuda.Stream(non_blocking=True)
         current = cupy.cuda.get_current_stream()
         result, graph, began = None, None, False
-        with cupy.cuda.using_allocator(pool.malloc), stream:
-            try:
-                stream.begin_capture()
-                began = True
-                result = self.step()
-            except Exception as exc:  # a step that reads a value back, or a library that refuses capture
-                self.graph_error = f"{type(exc).__name__}: {exc}"
-            finally:
-                if began:  # end it even when invalidated, so the stream leaves capture mode
-                    try:
-                        graph = stream.end_capture()
-                    except Exception as exc:
-                        self.graph_error = self.graph_error or f"{type(exc).__name__}: {exc}"
+        # An earlier graph's pool freed by the cycle collector in the middle of this recording
+        # would call cudaFree, which synchronizes and so invalidates the capture: collect now,
+        # and let no collection run until the recording ends.
+        gc.collect()
+        collector_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            with cupy.cuda.using_allocator(pool.malloc), stream:
+                try:
+                    stream.begin_capture()
+                    began = True
+                    result = self.step()
+                except Exception as exc:  # a step that reads a value back, or a library that refuses capture
+                    self.graph_error = f"{type(exc).__name__}: {exc}"
+                finally:
+                    if began:  # end it even when invalidated, so the stream leaves capture mode
+                        try:
+                            graph = stream.end_capture()
+                        except Exception as exc:
+                            self.graph_error = self.graph_error or f"{type(exc).__name__}: {exc}"
+        finally:
+            if collector_was_on:
+                gc.enable()
         if self.graph_error is not None or graph is None:
             self.graph_error = self.graph_error or "the recording gave no graph"
             return self.step()

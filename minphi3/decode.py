@@ -21,6 +21,8 @@ zeros to the softmax and to the weighted sum of values.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from .attention import attention_mask
@@ -78,7 +80,15 @@ class FixedDecodeStep:
         self.cos_table, self.sin_table = cos[0], sin[0]
         self.table_length = int(table_length)
         self._layers = cache.layers  # replaced when the cache moves to new buffers (`KVCache._resize`)
-        self.replay = StepReplay(self._step, xp, capture=capture)
+        # A partial over the arrays, not the bound method `self._step`: no reference cycle, so a
+        # dropped step frees its graph's memory at once instead of whenever the collector runs.
+        self.replay = StepReplay(
+            partial(
+                fixed_decode_logits, model, cache, self.token_ids, self.positions, self.index,
+                self.cos_table, self.sin_table,
+            ),
+            xp, capture=capture,
+        )  # fmt: skip
 
     def _long_rope(self, max_position: int) -> bool:
         config = self.model.config
@@ -92,11 +102,6 @@ class FixedDecodeStep:
             and cache.layers is self._layers
             and max_position < self.table_length
             and self._long_rope(max_position) == self.long_rope == cache.long_rope
-        )
-
-    def _step(self):
-        return fixed_decode_logits(
-            self.model, self.cache, self.token_ids, self.positions, self.index, self.cos_table, self.sin_table
         )
 
     def __call__(self, token_ids: np.ndarray, positions: np.ndarray, index: int):

@@ -194,3 +194,48 @@ def test_the_stand_in_refuses_what_cupy_refuses(emulated):
         with pytest.raises(emulated.cuda.runtime.CUDARuntimeError, match="Invalidated"):
             stream.end_capture()
     graph.launch()
+
+
+def test_no_collection_runs_while_a_graph_records(emulated, monkeypatch):
+    """An old graph's pool freed by the cycle collector during a recording would call cudaFree,
+    which synchronizes and invalidates the capture: the collector runs before, never during."""
+    import gc
+
+    from minphi3.backend import StepReplay
+
+    events = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *args: events.append("collect") or real_collect(*args))
+    stream_type = emulated.cuda.Stream
+    real_begin = stream_type.begin_capture
+    monkeypatch.setattr(stream_type, "begin_capture", lambda self: events.append("begin") or real_begin(self))
+
+    def step():
+        events.append(f"step, collector {'on' if gc.isenabled() else 'off'}")
+        return emulated.ones(2)
+
+    assert gc.isenabled()
+    replay = StepReplay(step, emulated)
+    replay(), replay(), replay()
+    assert events == ["step, collector on", "collect", "begin", "step, collector off"]
+    assert replay.replaying and gc.isenabled()
+    gc.disable()  # a caller that keeps the collector off finds it off afterwards
+    try:
+        StepReplay(step, emulated)(), StepReplay(step, emulated)
+        again = StepReplay(step, emulated)
+        again(), again()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_failed_recording_turns_the_collector_back_on(emulated):
+    import gc
+
+    from minphi3.backend import StepReplay
+
+    inputs = emulated.ones(2)
+    replay = StepReplay(lambda: inputs * float(inputs.sum()), emulated)
+    replay(), replay()
+    assert replay.graph_error is not None and gc.isenabled()
+

@@ -188,6 +188,27 @@ def test_fits_says_when_the_step_must_be_rebuilt(checkpoints):
     assert not step.fits(cache, 10)
 
 
+def test_a_dropped_fixed_step_is_freed_without_the_collector(checkpoints):
+    """No reference cycle runs from the step through its replayer back to it: the last
+    reference gone, it is freed at once, and on the GPU its graph's private memory with it
+    (a cycle would leave that to a later collection, which could land inside a recording)."""
+    import gc
+    import weakref
+
+    model = minphi3.load(checkpoints["plain"])
+    cache = model.new_cache(1, 8)
+    model(random_ids(1, 4), cache=cache)
+    step = FixedDecodeStep(model, cache, 8, 4)
+    step(np.array([5]), np.array([4]), 4)
+    freed = weakref.ref(step)
+    gc.disable()
+    try:
+        del step
+        assert freed() is None
+    finally:
+        gc.enable()
+
+
 def test_the_fixed_step_reads_nothing_from_the_host_length(checkpoints):
     """Everything the step needs comes from its device buffers: run directly with an index
     buffer, it writes the slot that index names, whatever cache.length says."""
