@@ -462,6 +462,11 @@ class StepReplay:
     def replaying(self) -> bool:
         return self.graph is not None
 
+    @property
+    def graph_pool_bytes(self) -> int:
+        """Device memory the recorded graph holds in its private pool (0 when nothing is recorded)."""
+        return int(self._pool.total_bytes()) if self._pool is not None else 0
+
     def __call__(self):
         self.calls += 1
         if self.graph is not None:

@@ -65,7 +65,11 @@ def test_the_gpu_benchmark_runs_through_on_the_stand_in(tmp_path, monkeypatch, c
     (report,) = written["gpu"]["models"]["tiny"]["runs"]["minphi3"]
     assert "error" not in report, report
     assert report["decode_path"]["graph_error"] is None and report["decode_path"]["graph_launches"] > 0
-    assert report["decode_breakdown"]["graph_kernels"] > 0
+    breakdown = report["decode_breakdown"]
+    assert breakdown["graph_kernels"] > 0
+    # the products alone are timed as a recorded graph too, not as Python launching them
+    assert breakdown["weight_products_graph_error"] is None and breakdown["weight_products_device_ms"] > 0
+    assert report["device_peak_bytes"] >= breakdown["graph_pool_bytes"] >= 0
     assert report["eager"]["tokens"] == report["tokens"]  # the graph and the kernel-by-kernel steps agree
 
 
