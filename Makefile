@@ -11,13 +11,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# -qq: errors still print; setuptools' notice about editable installs does not, on every set-up.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install -qq -e ".[dev]"
 	touch $(STAMP)
 
 # The demo needs only the runtime dependencies (no torch, no transformers).
 $(BASE_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install -qq -e .
 	touch $(BASE_STAMP)
 
 install: $(STAMP)
