@@ -188,21 +188,43 @@ def check_structure(path) -> None:
             )
 
 
-def open_gguf(path):
-    """A `gguf.GGUFReader` over `path`, after `check_structure`; every failure is a CheckpointError."""
+@functools.cache
+def plain_bytes_reader():
+    """`gguf.GGUFReader`, reading its memory map through a plain ndarray view of it.
+
+    The reader slices its `data` (an `np.memmap`) once per string and per value, and a memmap's
+    slicing runs Python code (`memmap.__getitem__`, `__array_finalize__`) each time: two thirds
+    of the time to parse a 49k-token vocabulary (3.1 s against 1.0 s for the demo file) and a
+    good part of dequantizing. A plain view of the same mapping slices in C; the file is mapped
+    once all the same (the view keeps the map alive), and every value read is the same.
+    """
     import gguf  # noqa: PLC0415
 
+    class PlainBytesReader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._plain_bytes
+
+        @data.setter
+        def data(self, mapped):
+            self._plain_bytes = mapped.view(np.ndarray)
+
+    return PlainBytesReader
+
+
+def open_gguf(path):
+    """A `gguf.GGUFReader` over `path`, after `check_structure`; every failure is a CheckpointError."""
     path = Path(path)
     check_structure(path)
     try:
-        return gguf.GGUFReader(path)
+        return plain_bytes_reader()(path)
     except Exception as exc:  # the reader raises ValueError, KeyError, IndexError... on bad input
         raise CheckpointError(f"{path}: cannot read the GGUF file: {type(exc).__name__}: {exc}") from None
 
 
 def read_gguf(path) -> tuple[object, dict]:
-    """(reader, metadata) for `path`. Parsing a vocabulary of 50k strings takes the gguf reader a
-    few seconds, so the last two files read are kept (keyed by path, size and modification time):
+    """(reader, metadata) for `path`. Parsing a vocabulary of 50k strings takes the gguf reader
+    about a second, so the last two files read are kept (keyed by path, size and modification time):
     loading a model and then its tokenizer from one file parses it once."""
     path = Path(path)
     try:

@@ -322,6 +322,29 @@ LONG_IDS = np.random.default_rng(6).integers(3, 250, size=(1, 80))  # past it: L
 # ================================================================================================
 
 
+@pytest.mark.parametrize("which", ["phi3", "llama"])
+def test_the_plain_bytes_reader_reads_what_the_stock_reader_reads(which, phi3_file, llama_file):
+    """`open_gguf` slices a plain view of the memory map instead of the memmap itself: every
+    field, part and tensor must come out the same, only not as memmap slices."""
+    path = (phi3_file if which == "phi3" else llama_file)[0]
+    stock, plain = gguf.GGUFReader(path), mgguf.open_gguf(path)
+    assert type(plain.data) is np.ndarray and isinstance(stock.data, np.memmap)
+    assert list(plain.fields) == list(stock.fields)
+    for key, field in stock.fields.items():
+        twin = plain.fields[key]
+        assert (twin.offset, twin.data, twin.types) == (field.offset, field.data, field.types), key
+        assert len(twin.parts) == len(field.parts), key
+        for ours, theirs in zip(twin.parts, field.parts, strict=True):
+            assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), key
+            assert type(ours) is np.ndarray
+    assert [t.name for t in plain.tensors] == [t.name for t in stock.tensors]
+    for ours, theirs in zip(plain.tensors, stock.tensors, strict=True):
+        assert ours.tensor_type == theirs.tensor_type and ours.data_offset == theirs.data_offset
+        assert ours.data.dtype == theirs.data.dtype and ours.data.shape == theirs.data.shape
+        np.testing.assert_array_equal(ours.data, theirs.data, err_msg=ours.name)
+        assert np.shares_memory(ours.data, plain.data)  # a view of the map, not a copy
+
+
 def test_phi3_tensors_equal_the_dequantized_weights(phi3_file):
     from safetensors.numpy import load_file
 
