@@ -282,7 +282,7 @@ def dequantize(tensor, path, dtype=np.float32) -> np.ndarray:
             values = tensor.data
         else:
             values = gguf_dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError:
+    except NotImplementedError:  # what gguf.quants raises for a type it has no dequantizer for
         raise CheckpointError(
             f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which the gguf package "
             "cannot dequantize; re-quantize the model with another type (Q8_0, Q4_K, Q6_K, F16...)"

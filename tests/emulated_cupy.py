@@ -50,6 +50,7 @@ class CUDARuntimeError(RuntimeError):
 class _State:
     def __init__(self):
         self.current = [Stream.null]
+        self.pools = [_DEFAULT_POOL]  # the pool new arrays are counted in (`using_allocator`)
 
     @property
     def stream(self):
@@ -201,6 +202,8 @@ class ndarray:
 
     def __init__(self, data):
         self._data = data
+        if data.base is None:  # new memory, not a view
+            _state().pools[-1]._count(data.nbytes)
 
     # what an array is
     shape = property(lambda self: self._data.shape)
@@ -591,18 +594,33 @@ def get_elapsed_time(start_event, end_event):
 
 
 class MemoryPool:
-    """The pool's interface; the memory itself is NumPy's (no figure from it means anything)."""
+    """The pool's interface. The memory itself is NumPy's; `total_bytes` counts the bytes of every
+    array made while this pool was the allocator, never reusing any, so it only bounds CuPy's
+    figure from above: enough to tell which pool a step's memory went to."""
+
+    def __init__(self):
+        self._bytes = 0
+
+    def _count(self, nbytes: int) -> None:
+        self._bytes += int(nbytes)
 
     def malloc(self, size):
         raise NotImplementedError("emulated_cupy allocates through NumPy")
 
     def used_bytes(self):
-        return 0
+        return self._bytes
 
     def total_bytes(self):
-        return 0
+        return self._bytes
 
     def free_all_blocks(self):
+        pass
+
+
+class _NoPool(MemoryPool):
+    """`using_allocator(None)` or a foreign allocator: nothing is counted."""
+
+    def _count(self, nbytes: int) -> None:
         pass
 
 
@@ -611,7 +629,12 @@ _DEFAULT_POOL = MemoryPool()
 
 @contextlib.contextmanager
 def using_allocator(allocator=None):
-    yield
+    pool = getattr(allocator, "__self__", None)
+    _state().pools.append(pool if isinstance(pool, MemoryPool) else _NoPool())
+    try:
+        yield
+    finally:
+        _state().pools.pop()
 
 
 class Device:
@@ -715,6 +738,7 @@ def install(monkeypatch):
 
     global _STATE
     _STATE = _State()
+    _DEFAULT_POOL._bytes = 0
     monkeypatch.setitem(sys.modules, "cupy", _MODULE)
     monkeypatch.setitem(sys.modules, "cupy.cuda", _MODULE.cuda)
     monkeypatch.setattr(backend, "_cublas", EmulatedCublas)

@@ -221,15 +221,14 @@ def test_no_collection_runs_while_a_graph_records(emulated, monkeypatch):
     assert replay.replaying and gc.isenabled()
     gc.disable()  # a caller that keeps the collector off finds it off afterwards
     try:
-        StepReplay(step, emulated)(), StepReplay(step, emulated)
         again = StepReplay(step, emulated)
         again(), again()
-        assert not gc.isenabled()
+        assert again.replaying and not gc.isenabled()
     finally:
         gc.enable()
 
 
-def test_a_failed_recording_turns_the_collector_back_on(emulated):
+def test_a_recording_that_fails_or_raises_turns_the_collector_back_on(emulated, monkeypatch):
     import gc
 
     from minphi3.backend import StepReplay
@@ -239,3 +238,23 @@ def test_a_failed_recording_turns_the_collector_back_on(emulated):
     replay(), replay()
     assert replay.graph_error is not None and gc.isenabled()
 
+    def no_allocator(_allocator):
+        raise RuntimeError("no allocator")
+
+    monkeypatch.setattr(emulated.cuda, "using_allocator", no_allocator)
+    replay = StepReplay(lambda: inputs * 2, emulated)
+    replay()
+    with pytest.raises(RuntimeError, match="no allocator"):
+        replay()
+    assert gc.isenabled()
+
+
+def test_graph_pool_bytes_are_the_recorded_steps_memory(emulated):
+    from minphi3.backend import StepReplay
+
+    inputs = emulated.ones((4, 8), dtype=np.float32)
+    replay = StepReplay(lambda: emulated.exp(inputs) * 2, emulated)
+    replay()
+    assert replay.graph_pool_bytes == 0  # nothing recorded yet
+    replay()
+    assert replay.graph_pool_bytes >= 4 * 8 * 4  # at least the result it writes

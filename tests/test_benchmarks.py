@@ -69,7 +69,8 @@ def test_the_gpu_benchmark_runs_through_on_the_stand_in(tmp_path, monkeypatch, c
     assert breakdown["graph_kernels"] > 0
     # the products alone are timed as a recorded graph too, not as Python launching them
     assert breakdown["weight_products_graph_error"] is None and breakdown["weight_products_device_ms"] > 0
-    assert report["device_peak_bytes"] >= breakdown["graph_pool_bytes"] >= 0
+    # the decode graph's private pool is counted, on top of the default pool that holds the weights
+    assert report["device_peak_bytes"] > breakdown["graph_pool_bytes"] > 0
     assert report["eager"]["tokens"] == report["tokens"]  # the graph and the kernel-by-kernel steps agree
 
 
