@@ -144,6 +144,17 @@ class KVCache:
             new.keys[..., new_slots] = old.keys[..., kept]
             new.values[:, :, new_slots] = old.values[:, :, kept]
 
+    def overwrite_padding(self, padding) -> None:
+        """Set the padding of every cached token from a mask over all of them.
+
+        padding: [batch, length] bool on the cache's backend, column i for the token of absolute
+        index i (True = real). Slots a window dropped or never filled keep their entry.
+        """
+        xp = self.xp
+        held = self.slot_index >= 0
+        recorded = padding[:, xp.maximum(self.slot_index, 0)]  # [batch, capacity]
+        self.key_padding[...] = xp.where(held[None, :], recorded, self.key_padding)
+
     # ---- one forward step ---------------------------------------------------------------------
     def begin_step(self, num_new: int, new_padding=None):
         """Reserve slots for `num_new` tokens and record their padding.

@@ -426,8 +426,11 @@ class Model:
         """Run the model.
 
         input_ids: [batch, seq] integers (nested lists accepted); attention_mask: [batch, seq] (or
-        [batch, cached + seq] with a cache), 1 for real tokens, 0 for padding; position_ids:
-        [batch, seq] (default: cached + arange(seq)); labels: [batch, seq] unshifted, -100 ignored;
+        [batch, cached + seq] with a cache), 1 for real tokens, 0 for padding. With a cache, the
+        [batch, cached + seq] form (transformers') decides for every key, the cached ones too; the
+        [batch, seq] form covers the new tokens only, and the cached keys keep the padding of the
+        calls that fed them (transformers would read it from key 0). position_ids: [batch, seq]
+        integers, negative ones too (default: cached + arange(seq)); labels: [batch, seq] unshifted, -100 ignored;
         cache: a KVCache from `new_cache`, read and extended in place; trace: a dict to fill with
         the rope tables (`rope.cos`, `rope.sin`) and every layer's intermediate arrays
         (`layer.N.attn.q`, ...: the names are listed in minphi3/parity.py). `layer.N.attn.weights`
@@ -484,6 +487,10 @@ class Model:
         cos, sin = rope_cos_sin(inv_freq, to_device(positions, xp), config.attention_factor, self.dtype)
         new_padding = None if padding is None else to_device(padding[:, -seq:], xp)
         if cache is not None:
+            if padding is not None and cache.length > 0 and padding.shape[1] == cache.length + seq:
+                # A mask over every token: its past columns decide which cached keys are padding,
+                # as in transformers, even where they differ from the masks of earlier calls.
+                cache.overwrite_padding(to_device(padding[:, :-seq], xp))
             slots, query_index = cache.begin_step(seq, new_padding)
             used = cache.used_slots(seq)
             key_index, key_padding = cache.slot_index[:used], cache.key_padding[:, :used]
@@ -557,8 +564,6 @@ def _positions(position_ids, batch: int, seq: int, past: int) -> np.ndarray:
         positions = positions[None, :]
     if positions.shape[-1] != seq or positions.shape[0] not in (1, batch) or not np.issubdtype(positions.dtype, np.integer):
         raise GenerationError(f"position_ids must be integers of shape [batch, {seq}], found {positions.dtype} {list(positions.shape)}")
-    if positions.size and positions.min() < 0:
-        raise GenerationError("position_ids must be non-negative")
     return np.broadcast_to(positions.astype(np.int64), (batch, seq))
 
 

@@ -320,3 +320,33 @@ def test_rewind_after_a_step_that_stopped_half_way(zoo, new):
     assert cache.length == 12
     assert not cache.rewind(11)
     _close(_np(model(ids, cache=cache).logits), _np(model(ids).logits))
+
+
+@pytest.mark.parametrize("name", ["mha", "window"])
+def test_a_whole_mask_decides_the_padding_of_cached_keys_as_in_transformers(zoo, name):
+    """A [batch, cached + seq] mask covers the cached keys too: here it marks as padding four
+    keys that an earlier call fed as real, and transformers masks them. The window cache (W = 5)
+    has rolled: it holds two of them, in slots that are not their indices."""
+    import torch
+    from transformers import DynamicCache
+
+    model, oracle = zoo.model(name), zoo.oracle(name)
+    ids = random_ids(2, 9, seed=3)
+    whole = np.ones_like(ids)
+    whole[1, 1:5] = 0
+    cache, theirs_cache = model.new_cache(2, 9), DynamicCache(config=oracle.config)
+    model(ids[:, :7], attention_mask=np.ones((2, 7), np.int64), cache=cache)
+    with torch.no_grad():
+        oracle(torch.as_tensor(ids[:, :7]), attention_mask=torch.ones(2, 7, dtype=torch.long),
+               past_key_values=theirs_cache, use_cache=True)  # fmt: skip
+    ours = _np(model(ids[:, 7:], attention_mask=whole, cache=cache).logits)
+    with torch.no_grad():
+        theirs = oracle(torch.as_tensor(ids[:, 7:]), attention_mask=torch.as_tensor(whole),
+                        past_key_values=theirs_cache, use_cache=True).logits.numpy()  # fmt: skip
+    assert_logits_close(ours, theirs)
+    # Row 1 differs from the run whose mask covers only the new tokens (the cache's record wins).
+    recorded = model.new_cache(2, 9)
+    model(ids[:, :7], cache=recorded)
+    unchanged = _np(model(ids[:, 7:], attention_mask=np.ones((2, 2), np.int64), cache=recorded).logits)
+    _close(ours[0], unchanged[0])
+    assert float(np.abs(ours[1] - unchanged[1]).max()) > 1e-2

@@ -669,3 +669,14 @@ def test_loss_over_no_counted_token_is_nan_like_transformers(tmp_path):
     theirs = oracle_forward(load_oracle(folder), ids, labels=labels).loss
     ours = minphi3.load(folder)(ids, labels=labels).loss
     assert np.isnan(float(theirs)) and np.isnan(float(ours))
+
+
+def test_negative_position_ids_run_as_in_transformers(zoo):
+    """cumsum(mask) - 1 without the clamp puts -1 on left pads; transformers rotates by it."""
+    model, oracle = zoo.model("gqa"), zoo.oracle("gqa")
+    ids, mask = _left_padded([random_ids(1, 8, seed=1)[0], random_ids(1, 5, seed=2)[0]])
+    positions = np.cumsum(mask, axis=1) - 1
+    assert positions.min() < 0
+    ours = _logits(model(ids, attention_mask=mask, position_ids=positions))
+    theirs = oracle_forward(oracle, ids, attention_mask=mask, position_ids=positions).logits.numpy()
+    assert_logits_close(ours, theirs)
