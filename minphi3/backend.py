@@ -204,7 +204,7 @@ def to_numpy(x):
         return type(x)(to_numpy(item) for item in x)
     if array_module(x) is not np:
         return x.get()
-    return np.array(x)
+    return np.array(np.asarray(x))  # asarray first: torch's __array__ takes no copy keyword (NumPy 2 warns)
 
 
 def to_device(x, xp):

@@ -97,11 +97,13 @@ def _sampling_flags(parser, default_max_new_tokens: int = 64):
 
 
 def _sampling_options(args) -> dict:
+    """generate's sampling arguments from the flags. A flag not given is None, so the checkpoint's
+    generation_config.json decides it, as in transformers (greedy when it says nothing)."""
     chosen = [args.temperature, args.top_k, args.top_p, args.min_p]
-    do_sample = args.do_sample or any(value is not None for value in chosen)
+    sample_flags = args.do_sample or any(value is not None for value in chosen)
     return dict(
-        do_sample=do_sample,
-        temperature=1.0 if args.temperature is None else args.temperature,
+        do_sample=True if sample_flags else None,
+        temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         min_p=args.min_p,
@@ -166,7 +168,7 @@ def _load_weights(args, path: Path, config, tokenizer, tokens: int):
                             "on top of the weights)") from None
     model = load(path, backend=args.backend, dtype=args.dtype, progress=sys.stderr.isatty())
     if model.tokenizer_size is None:
-        model.tokenizer_size = len(tokenizer)
+        model.tokenizer_size = tokenizer.id_bound
     return model
 
 

@@ -8,6 +8,8 @@
 - a row stops at any id of the eos list (generation_config.json's list when present: Phi-3
   instruct stops on 32000, 32001 and 32007); finished rows receive the pad id (the first eos id
   when the generation config names no pad) until every row is done or max_new_tokens is reached;
+- an argument not passed takes generation_config.json's value, as in transformers (sampling
+  settings, a repetition penalty, max_new_tokens or max_length: `resolve_generation_settings`);
 - without attention_mask, the mask is input_ids != pad when that is possible (`infer_attention_mask`);
 - LongRoPE: the first time the sequence crosses original_max_position_embeddings, every cached key
   was rotated with the short factors, so the cache is dropped and the whole sequence fed again
@@ -71,14 +73,22 @@ def resolve_eos_ids(model, eos_token_id=None) -> list[int]:
         eos_token_id = model.generation_config.get("eos_token_id")
     if eos_token_id is None:
         return []
-    try:
-        ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
-    except TypeError:
-        raise GenerationError(f"eos_token_id must be a token id or a list of them, found {eos_token_id!r}") from None
-    for value in ids:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < model.config.vocab_size:
+    refused = GenerationError(f"eos_token_id must be a token id or a list of them, found {eos_token_id!r}")
+    listed = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    if isinstance(eos_token_id, (dict, set, str, bytes)) or any(isinstance(v, (bool, np.bool_)) for v in listed):
+        raise refused
+    if isinstance(eos_token_id, (list, tuple)) and not eos_token_id:
+        return []  # an empty list: nothing ends a row
+    try:  # an int, a list, or an array of any backend (a torch or CuPy tensor)
+        ids = np.asarray(to_numpy(eos_token_id))
+    except (TypeError, ValueError):
+        raise refused from None
+    if ids.ndim > 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise refused
+    for value in ids.reshape(-1).tolist():
+        if not 0 <= value < model.config.vocab_size:
             raise GenerationError(f"eos_token_id {value!r} is not a token id below vocab_size {model.config.vocab_size}")
-    return [int(v) for v in ids]
+    return [int(v) for v in ids.reshape(-1)]
 
 
 def prompt_positions(attention_mask: np.ndarray) -> np.ndarray:
@@ -107,9 +117,9 @@ def check_length(config, prompt_length: int, max_new_tokens) -> int:
 def generate(
     model,
     input_ids,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    max_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
@@ -128,7 +138,10 @@ def generate(
     input_ids: [batch, seq] (nested lists accepted), left-padded when rows differ in length, with
     attention_mask [batch, seq] (1 real, 0 pad; when omitted, inferred by transformers' rule,
     `infer_attention_mask`). eos_token_id / pad_token_id: default to the model's generation
-    config (`resolve_eos_ids`, `resolve_pad_id`). temperature == 0 means greedy. seed makes
+    config (`resolve_eos_ids`, `resolve_pad_id`). max_new_tokens, do_sample, temperature, top_k,
+    top_p, min_p, repetition_penalty: None (not passed) takes generation_config.json's value, as
+    transformers does, else 64 new tokens (capped to the context), greedy, and no processor
+    (`resolve_generation_settings`). temperature == 0 means greedy. seed makes
     sampling repeat exactly. streamer: a `TextStreamer`, or any callable given the [batch] array
     of new ids at each step. cache: an existing KVCache holding the first `cache.length` tokens of
     input_ids (a chat's earlier turns): only the rest is fed, and at least the last prompt token
@@ -145,8 +158,14 @@ def generate(
         )
     ids = check_token_ids(input_ids, model.config.vocab_size)
     batch, prompt_length = ids.shape
-    max_new_tokens = check_length(model.config, prompt_length, max_new_tokens)
-    validate_sampling_parameters(temperature, top_k, top_p, min_p, repetition_penalty)
+    _check_argument_types(streamer, cache, stats, cuda_graph)
+    settings = resolve_generation_settings(
+        model, prompt_length, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+    )  # fmt: skip
+    max_new_tokens, do_sample, temperature = settings["max_new_tokens"], settings["do_sample"], settings["temperature"]
+    top_k, top_p, min_p = settings["top_k"], settings["top_p"], settings["min_p"]
+    repetition_penalty = settings["repetition_penalty"]
     if do_sample and temperature == 0:
         do_sample = False  # temperature 0 is the limit of sharpening: greedy
     eos_ids = resolve_eos_ids(model, eos_token_id)
@@ -231,6 +250,86 @@ def generate(
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
     return sequences[:, :length]
+
+
+# What `generate` uses for a setting neither its caller nor generation_config.json gives: the
+# issue's signature (greedy, no processor, 64 new tokens). transformers' own fallbacks differ in
+# two places (top_k=50 when sampling, 20 new tokens); pass those explicitly to reproduce them.
+GENERATION_DEFAULTS = {
+    "max_new_tokens": 64,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": None,
+    "top_p": None,
+    "min_p": None,
+    "repetition_penalty": None,
+}
+SAMPLING_PARAMETERS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def resolve_generation_settings(model, prompt_length: int, **given) -> dict:
+    """The settings of one `generate` call: each argument as given; where it is None, the model's
+    generation config's value (generation_config.json); else `GENERATION_DEFAULTS`.
+
+    transformers' precedence (`GenerationMixin._prepare_generation_config`): kwargs >
+    model.generation_config > global defaults. The length follows `_prepare_generated_length`:
+    max_new_tokens, else the file's max_length less the prompt, else the default; a length the
+    caller did not pass is capped to the context (max_position_embeddings), one the caller passed
+    is checked against it (`check_length`). -> {name: value} for every key of GENERATION_DEFAULTS.
+    """
+    file_config = model.generation_config or {}
+    settings, from_file = {}, []
+    for name, default in GENERATION_DEFAULTS.items():
+        value = given.get(name)
+        if value is None and file_config.get(name) is not None:
+            value = file_config[name]
+            from_file.append(name)
+        settings[name] = default if value is None else value
+    if not isinstance(settings["do_sample"], (bool, np.bool_)):
+        where = "generation_config.json's " if "do_sample" in from_file else ""
+        raise GenerationError(f"{where}do_sample must be True or False, found {settings['do_sample']!r}")
+    settings["do_sample"] = bool(settings["do_sample"])
+    try:  # the file's values first, so that a bad one is reported as the file's
+        validate_sampling_parameters(**{name: settings[name] for name in from_file if name in SAMPLING_PARAMETERS})
+    except GenerationError as exc:
+        raise GenerationError(f"generation_config.json: {exc}") from None
+    validate_sampling_parameters(**{name: settings[name] for name in SAMPLING_PARAMETERS})
+    settings["max_new_tokens"] = _new_token_budget(model.config, prompt_length, given.get("max_new_tokens"), file_config)
+    return settings
+
+
+def _new_token_budget(config, prompt_length: int, max_new_tokens, file_config: dict) -> int:
+    if max_new_tokens is not None:
+        return check_length(config, prompt_length, max_new_tokens)
+    context = config.max_position_embeddings
+    budget, source = GENERATION_DEFAULTS["max_new_tokens"], "the default"
+    if file_config.get("max_new_tokens") is not None:
+        budget, source = file_config["max_new_tokens"], "generation_config.json's max_new_tokens"
+    elif file_config.get("max_length") is not None:
+        max_length = file_config["max_length"]
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length <= prompt_length:
+            raise GenerationError(
+                f"generation_config.json's max_length ({max_length!r}) leaves no room after the prompt "
+                f"({prompt_length} tokens): pass max_new_tokens"
+            )
+        budget, source = max_length - prompt_length, "generation_config.json's max_length"
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
+        raise GenerationError(f"{source} must be a positive integer of new tokens, found {budget!r}")
+    if prompt_length >= context:
+        check_length(config, prompt_length, 1)  # its message: the prompt alone fills the context
+    return int(min(budget, context - prompt_length))
+
+
+def _check_argument_types(streamer, cache, stats, cuda_graph) -> None:
+    """Refuse, before any step runs, the arguments `generate` would otherwise trip over mid-way."""
+    if streamer is not None and not (hasattr(streamer, "put") or callable(streamer)):
+        raise GenerationError(f"streamer must be a TextStreamer (an object with put) or a callable, found {streamer!r}")
+    if cache is not None and not isinstance(cache, KVCache):
+        raise GenerationError(f"cache must be a KVCache (model.new_cache), found {type(cache).__name__}")
+    if stats is not None and not isinstance(stats, GenerationStats):
+        raise GenerationError(f"stats must be a GenerationStats, found {type(stats).__name__}")
+    if cuda_graph is not None and not isinstance(cuda_graph, (bool, np.bool_)):
+        raise GenerationError(f"cuda_graph must be None, True or False, found {cuda_graph!r}")
 
 
 def _count_fixed_steps(stats: GenerationStats, fixed: FixedDecodeStep | None) -> None:

@@ -176,20 +176,21 @@ def generation_config_from_model_config(config: ModelConfig) -> dict:
 
 
 def tokenizer_size(path: Path) -> int | None:
-    """How many ids the tokenizer in tokenizer.json can produce (None when there is none or it
-    cannot be read: the tokenizer loader reports that problem where a tokenizer is needed)."""
+    """One past the highest id the tokenizer in tokenizer.json can produce (`tokenizer.id_bound`;
+    None when there is none or it cannot be read: the tokenizer loader reports that problem where
+    a tokenizer is needed)."""
     if not path.is_file():
         return None
     try:
         import tokenizers  # noqa: PLC0415
 
-        from .tokenizer import check_bpe_merges  # noqa: PLC0415
+        from .tokenizer import check_bpe_merges, id_bound  # noqa: PLC0415
 
         text = path.read_text(encoding="utf-8")
         spec = json.loads(text)
         # A merge the Rust builder would panic on (printing a backtrace on stderr): skip the library.
         check_bpe_merges(spec.get("model") if isinstance(spec, dict) else None, path)
-        return int(tokenizers.Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True))
+        return id_bound(tokenizers.Tokenizer.from_str(text)) or None
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException:  # tokenizers raises Rust panics as BaseException subclasses

@@ -398,7 +398,7 @@ class Model:
         self.decoder_layer = DECODER_LAYERS[config.model_type]
         # Filled in by `minphi3.load`: the generation defaults (generation_config.json alone when
         # the checkpoint has one, else built from config.json, as transformers does), the folder
-        # or file it came from, and how many ids the tokenizer can produce.
+        # or file it came from, and one past the highest id the tokenizer can produce.
         self.generation_config: dict = {}
         self.source = None
         self.tokenizer_size: int | None = None

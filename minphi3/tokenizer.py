@@ -446,6 +446,17 @@ def _add_config_tokens(backend, config: dict, named: dict, source: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def id_bound(backend) -> int:
+    """One past the highest id a `tokenizers.Tokenizer` knows, added tokens included (0 if none).
+
+    Not the number of tokens: a vocabulary may skip ids (tiktoken-derived ones leave unused ids
+    below their special tokens), and then the highest ids, the end-of-turn tokens among them,
+    lie above the count. `generate` masks the logits from here up.
+    """
+    vocab = backend.get_vocab(with_added_tokens=True)
+    return max(vocab.values()) + 1 if vocab else 0
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus what transformers adds: special tokens, chat template, stop ids.
 
@@ -508,6 +519,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Same as len(): Phi-3 has 32011 tokens for 32064 logits; the extra logits must be masked."""
         return len(self)
+
+    @property
+    def id_bound(self) -> int:
+        """One past the highest id, added tokens included: the logits at and above it belong to no
+        token (`id_bound`). Usually len(self); more when the vocabulary skips ids."""
+        return id_bound(self._backend)
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a token string, or None when it is not in the vocabulary."""

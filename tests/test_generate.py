@@ -197,6 +197,14 @@ def test_prompt_positions_of_left_padding():
         (dict(do_sample=True, seed=1.5), "seed"),
         (dict(seed="7"), "seed"),
         (dict(do_sample=True, temperature=1e-45), "not finite"),
+        (dict(do_sample="yes"), "do_sample must be True or False"),
+        (dict(streamer=5), "streamer must be"),
+        (dict(cache="x"), "cache must be a KVCache"),
+        (dict(stats=5), "stats must be a GenerationStats"),
+        (dict(cuda_graph="x"), "cuda_graph must be"),
+        (dict(eos_token_id={2: 1}), "eos_token_id must be"),
+        (dict(eos_token_id=[2, True]), "eos_token_id must be"),
+        (dict(eos_token_id=[[2]]), "eos_token_id must be"),
     ],
 )
 def test_bad_generation_requests_raise_generation_error(checkpoints, kwargs, message):
@@ -369,3 +377,127 @@ def test_generate_refuses_a_classification_head_by_name(tmp_path, architecture):
     from minphi3 import cli
 
     assert cli.main(["generate", "--model", str(folder), "hi", "--max-new-tokens", "4"]) == 2
+
+
+def test_eos_ids_may_be_an_array_of_any_kind(checkpoints):
+    model = minphi3.load(checkpoints["plain"])
+    for given in (torch.tensor([2, 5]), np.array([2, 5]), (2, 5), [np.int64(2), 5]):
+        assert resolve_eos_ids(model, given) == [2, 5]
+    assert resolve_eos_ids(model, torch.tensor(7)) == [7]
+
+
+# ---- generation_config.json's other settings: the defaults of an argument not passed ---------
+
+
+def checkpoint_with_generation_config(source, folder, generation_config):
+    import shutil
+
+    shutil.copytree(source, folder)
+    (folder / "generation_config.json").write_text(json.dumps(generation_config))
+    return folder
+
+
+def test_settings_of_generation_config_apply_as_in_transformers(checkpoints, tmp_path):
+    """transformers fills every generate argument not passed from generation_config.json: here a
+    repetition penalty (which changes greedy tokens) and max_new_tokens."""
+    file = {"eos_token_id": 2, "pad_token_id": 0, "repetition_penalty": 1.5, "max_new_tokens": 10}
+    folder = checkpoint_with_generation_config(checkpoints["plain"], tmp_path / "m", file)
+    model, hf = minphi3.load(folder), load_oracle(folder)
+    ids = random_ids(1, 8, seed=2)
+    ids[0, 4:] = ids[0, :4]
+    with torch.no_grad():
+        expected = hf.generate(torch.as_tensor(ids)).numpy()
+    ours = minphi3.generate(model, ids)
+    np.testing.assert_array_equal(ours, expected)
+    assert ours.shape[1] == 8 + 10
+    unpenalized = minphi3.generate(model, ids, repetition_penalty=1.0, max_new_tokens=10)
+    assert not np.array_equal(unpenalized, ours)  # the file's penalty mattered; an argument beats it
+    with torch.no_grad():
+        np.testing.assert_array_equal(unpenalized, hf.generate(torch.as_tensor(ids), repetition_penalty=1.0).numpy())
+
+
+def test_sampling_settings_of_generation_config(checkpoints, tmp_path):
+    """do_sample, temperature and top_k from the file: the same draws as passing them."""
+    file = {"do_sample": True, "temperature": 0.5, "top_k": 5, "top_p": 0.9}
+    folder = checkpoint_with_generation_config(checkpoints["plain"], tmp_path / "m", file)
+    model, ids = minphi3.load(folder), random_ids(2, 5, seed=4)
+    ours = minphi3.generate(model, ids, max_new_tokens=12, eos_token_id=[], seed=3)
+    passed = minphi3.generate(minphi3.load(checkpoints["plain"]), ids, max_new_tokens=12, eos_token_id=[], seed=3,
+                              do_sample=True, temperature=0.5, top_k=5, top_p=0.9)  # fmt: skip
+    np.testing.assert_array_equal(ours, passed)
+    greedy = minphi3.generate(model, ids, max_new_tokens=12, eos_token_id=[], do_sample=False)
+    assert not np.array_equal(greedy, ours)
+
+
+def test_max_length_of_generation_config_counts_the_prompt(checkpoints, tmp_path):
+    folder = checkpoint_with_generation_config(checkpoints["plain"], tmp_path / "m", {"max_length": 15})
+    model, hf = minphi3.load(folder), load_oracle(folder)
+    ids = random_ids(1, 12, seed=1)
+    with torch.no_grad():
+        expected = hf.generate(torch.as_tensor(ids), eos_token_id=None, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(minphi3.generate(model, ids, eos_token_id=[]), expected)
+    assert expected.shape[1] == 15
+    with pytest.raises(minphi3.GenerationError, match="max_length .15. leaves no room after the prompt .15 tokens"):
+        minphi3.generate(model, random_ids(1, 15))
+
+
+def test_a_default_length_is_capped_to_the_context(checkpoints):
+    """64 new tokens by default, fewer when the context ends first; a length passed is checked."""
+    model = minphi3.load(checkpoints["plain"])
+    context = model.config.max_position_embeddings
+    ids = random_ids(1, context - 3)
+    assert minphi3.generate(model, ids, eos_token_id=[]).shape[1] == context
+    assert minphi3.generate(model, ids[:, :4], eos_token_id=[]).shape[1] == 4 + min(64, context - 4)
+    with pytest.raises(minphi3.GenerationError, match="context"):
+        minphi3.generate(model, ids, max_new_tokens=4)
+    with pytest.raises(minphi3.GenerationError, match="context"):
+        minphi3.generate(model, random_ids(1, context))
+
+
+@pytest.mark.parametrize("file, message", [
+    ({"do_sample": True, "temperature": -1.0}, "generation_config.json: temperature"),
+    ({"top_k": "many"}, "generation_config.json: top_k"),
+    ({"do_sample": "true"}, "generation_config.json's do_sample must be True or False"),
+    ({"max_new_tokens": 0}, "generation_config.json's max_new_tokens must be a positive integer"),
+    ({"max_length": 2.5}, "generation_config.json's max_length"),
+])
+def test_bad_settings_of_generation_config_are_named(checkpoints, tmp_path, file, message):
+    folder = checkpoint_with_generation_config(checkpoints["plain"], tmp_path / "m", file)
+    with pytest.raises(minphi3.GenerationError, match=message):
+        minphi3.generate(minphi3.load(folder), [[3, 4, 5]])
+
+
+def test_an_end_token_above_a_gap_in_the_ids_can_end_a_row(tmp_path):
+    """Vocabularies may skip ids (tiktoken-derived ones do, below their special tokens): the
+    highest id, not the token count, bounds what may be generated. Here <|im_end|> is 299 in a
+    vocabulary of 273 tokens, and the model prefers it after the prompt."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    source = save_tiny_tokenizer(save_tiny(tmp_path / "source", vocab_size=300, seed=11), 300)
+    folder = tmp_path / "gap"
+    shutil.copytree(source, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    for token in [token for token, i in vocab.items() if i >= 270]:
+        del vocab[token]
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if "".join(m if isinstance(m, list) else m.split(" ")) in vocab]
+    for added, new_id in zip(spec["added_tokens"], (280, 290, 299), strict=True):
+        added["id"] = vocab[added["content"]] = new_id
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [299], "pad_token_id": 280}))
+    assert Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True) == 273
+    prompt = [[10, 11, 12]]
+    hf = load_oracle(folder)
+    with torch.no_grad():
+        favourite = int(hf(torch.tensor(prompt)).logits[0, -1].argmax())
+        hf.lm_head.weight[299] = 3 * hf.lm_head.weight[favourite]
+    hf.save_pretrained(folder)
+    model = minphi3.load(folder)
+    assert model.tokenizer_size == 300 == minphi3.load_tokenizer(folder).id_bound
+    with torch.no_grad():
+        expected = load_oracle(folder).generate(torch.tensor(prompt), do_sample=False, max_new_tokens=6).numpy()
+    ours = minphi3.generate(model, prompt, max_new_tokens=6)
+    np.testing.assert_array_equal(ours, expected)
+    assert ours[0, -1] == 299
