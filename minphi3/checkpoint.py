@@ -228,6 +228,28 @@ def _check_tiling(path: Path, infos: dict[str, TensorInfo], data_start: int, dat
 
 
 # ---- the data -----------------------------------------------------------------------------------
+def stored_tensors_equal(a: TensorInfo, b: TensorInfo) -> bool:
+    """Whether two stored tensors hold the same values (`torch.equal` after loading).
+
+    Stored alike: compared byte for byte, a chunk at a time, so a large embedding needs no copy
+    in memory. Stored in different dtypes: compared as float64 values.
+    """
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    if a.dtype != b.dtype:
+        return bool(np.array_equal(read_tensor(a, np.float64), read_tensor(b, np.float64)))
+    with open(a.path, "rb") as first, open(b.path, "rb") as second:
+        first.seek(a.begin)
+        second.seek(b.begin)
+        remaining = a.end - a.begin
+        while remaining > 0:
+            size = min(remaining, 1 << 24)
+            if first.read(size) != second.read(size):
+                return False
+            remaining -= size
+    return True
+
+
 def read_tensor(info: TensorInfo, dtype, handle=None, out=None) -> np.ndarray:
     """One tensor from its file, converted to `dtype` (float32 | float64 | float16), C-contiguous.
 

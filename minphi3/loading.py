@@ -7,6 +7,7 @@ the weights need is compared with what the machine has.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from .checkpoint import (
     read_all_headers,
     read_tensor,
     refuse_pickle_only,
+    stored_tensors_equal,
 )
 from .config import ModelConfig, config_from_dict, load_config
 from .errors import CheckpointError, ConfigError, ResourceError
@@ -58,15 +60,41 @@ def load(path, backend: str = "numpy", dtype: str = "float32", progress: bool = 
 def _load_safetensors(path: Path, config: ModelConfig, xp, dtype, progress: bool) -> Model:
     files = checkpoint_files(path)
     infos = read_all_headers(files)
+    tied = config.tie_word_embeddings
+    config, infos = resolve_tied_head(config, infos)
+    if tied and not config.tie_word_embeddings:
+        check_memory(config, dtype, xp)  # one matrix more than `load` checked for
     expected = parameter_shapes(config)
-    ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    check_tensor_names({name: info.shape for name, info in infos.items()}, expected, path, ignored)
+    check_tensor_names({name: info.shape for name, info in infos.items()}, expected, path)
     params = read_parameters(infos, expected, dtype, xp, progress, path.name)
     model = Model(config, params, xp=xp, dtype=dtype)
     model.source = path
     model.generation_config = generation_settings(read_generation_config(path), config)
     model.tokenizer_size = tokenizer_size(path / "tokenizer.json")
     return model
+
+
+def resolve_tied_head(config: ModelConfig, infos: dict) -> tuple[ModelConfig, dict]:
+    """What a tied config (tie_word_embeddings) means for the tensors stored, as transformers 5.23
+    reads it (`PreTrainedModel.tie_weights` during from_pretrained). -> (config, infos)
+
+    - only the embedding stored: the head is the embedding (the usual case);
+    - only lm_head.weight stored: the embedding is the head, read from lm_head.weight;
+    - both stored and equal: tied, the copy is not read;
+    - both stored and different: the config is wrong about the file, so they are not tied and the
+      stored head is used (transformers warns; minphi3 answers the same numbers).
+    """
+    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+    if not config.tie_word_embeddings or head not in infos:
+        return config, infos
+    infos = dict(infos)
+    if embedding not in infos:
+        infos[embedding] = infos.pop(head)
+        return config, infos
+    if stored_tensors_equal(infos[head], infos[embedding]):
+        del infos[head]
+        return config, infos
+    return dataclasses.replace(config, tie_word_embeddings=False), infos
 
 
 def read_model_config(path: Path) -> ModelConfig:

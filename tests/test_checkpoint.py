@@ -314,19 +314,49 @@ def test_wrong_shape(tmp_path):
         minphi3.load(folder)
 
 
-def test_tied_checkpoint_may_carry_a_stray_lm_head(tmp_path):
+@pytest.mark.parametrize("stored", ["embedding", "both_equal", "both_different", "head_only"])
+def test_a_tied_config_reads_the_stored_head_as_transformers_does(tmp_path, stored):
+    """tie_word_embeddings with: the embedding alone (the head is it); both, equal (tied, as torch
+    .bin files store them); both, different (the config is wrong: transformers does not tie them
+    and uses lm_head); lm_head alone (the embedding is read from it). Logits as transformers'."""
+    import transformers
+
     tied = {"tie_word_embeddings": True}
     tensors = tiny_tensors(tied)
-    assert "lm_head.weight" not in tensors
-    minphi3.load(write_checkpoint(tmp_path / "tied", dict(tensors), tied))
-    tensors["lm_head.weight"] = np.zeros((16, 8), np.float32)
-    model = minphi3.load(write_checkpoint(tmp_path / "stray", tensors, tied))
-    logits = model([[3, 4, 5]]).logits
-    np.testing.assert_allclose(
-        logits, model([[3, 4, 5]], output_hidden_states=True).hidden_states[-1] @ tensors["model.embed_tokens.weight"].T,
-        rtol=1e-5, atol=1e-6,
-    )
-    assert np.abs(logits).max() > 0  # the zero lm_head was not used
+    embedding = tensors["model.embed_tokens.weight"]
+    if stored == "both_equal":
+        tensors["lm_head.weight"] = embedding.copy()
+    elif stored == "both_different":
+        tensors["lm_head.weight"] = np.random.default_rng(5).standard_normal(embedding.shape).astype(np.float32)
+    elif stored == "head_only":
+        tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    folder = write_checkpoint(tmp_path / stored, tensors, tied)
+    model = minphi3.load(folder)
+    assert model.config.tie_word_embeddings == (stored != "both_different")
+    assert ("lm_head.weight" in model.params) == (stored == "both_different")
+    oracle = transformers.Phi3ForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ids = [[3, 4, 5, 9]]
+    with torch.no_grad():
+        theirs = oracle(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(minphi3.to_numpy(model(ids).logits), theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tied_head_of_another_shape_is_named(tmp_path):
+    tied = {"tie_word_embeddings": True}
+    tensors = dict(tiny_tensors(tied), **{"lm_head.weight": np.zeros((16, 4), np.float32)})
+    with pytest.raises(CheckpointError, match="'lm_head.weight' has shape \\[16, 4\\], expected \\[16, 8\\]"):
+        minphi3.load(write_checkpoint(tmp_path / "m", tensors, tied))
+
+
+def test_stored_tensors_equal_compares_values(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    tensors = {"a": a, "same": a.copy(), "other": a + 1, "wide": a.astype(np.float64), "flat": a.reshape(12)}
+    save_numpy(tensors, str(tmp_path / "t.safetensors"))
+    infos = ckpt.read_all_headers([tmp_path / "t.safetensors"])
+    assert ckpt.stored_tensors_equal(infos["a"], infos["same"])
+    assert ckpt.stored_tensors_equal(infos["a"], infos["wide"])  # another dtype, the same values
+    assert not ckpt.stored_tensors_equal(infos["a"], infos["other"])
+    assert not ckpt.stored_tensors_equal(infos["a"], infos["flat"])
 
 
 def _sharded(folder: Path, weight_map_edit=None) -> Path:
