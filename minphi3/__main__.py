@@ -2,6 +2,9 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while the imports run: the status main gives it, no traceback
+    sys.exit(130)
 
 sys.exit(main())

@@ -86,7 +86,7 @@ def resolve_dtype(dtype) -> np.dtype:
         raise BackendError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}") from None
     if resolved.name not in DTYPES:
         raise BackendError(f"unsupported dtype {resolved.name!r}: expected one of {', '.join(DTYPES)}")
-    return resolved
+    return np.dtype(DTYPES[resolved.name])  # native byte order: np.dtype(">f4") names float32 too
 
 
 def compute_dtype(dtype) -> np.dtype:

@@ -21,6 +21,7 @@ from .errors import GenerationError, MinPhi3Error, ResourceError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a tool killed by the signal would return
 
 
 class UsageError(MinPhi3Error):
@@ -274,8 +275,12 @@ def run_parity(args) -> int:
         raise UsageError(f"{path}: expected a checkpoint folder")
     if args.length <= 0:
         raise UsageError("--length must be positive")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, found {args.seed}")
     if args.lift and args.dtype != "float64":
         raise UsageError("--lift compares float64 runs: give --dtype float64")
+    if args.save is not None and not args.save.strip():
+        raise UsageError("--save needs a file name (TRACE.npz)")
     if args.save:
         _check_writable_output(Path(args.save))  # before the comparison, which takes a while
     model = load(path, dtype=args.dtype)
@@ -339,9 +344,19 @@ def one_line(exc: BaseException) -> str:
 COMMANDS = {"generate": run_generate, "chat": run_chat, "parity": run_parity, "convert": run_convert}
 
 
+def _open_closed_streams() -> None:
+    """Started with stdin or stderr closed (`<&-`, `2>&-`), Python sets them to None, and print
+    would then write errors to stdout: read nothing from, and write nothing to, a closed stream."""
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)  # noqa: SIM115 (lives as long as the process)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # until the command line is parsed: a bad one is reported with it too
+    _open_closed_streams()
     try:
         args = build_parser().parse_args(argv)
         debug = getattr(args, "debug", False)
@@ -356,6 +371,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as Unix tools do, and keep Python's
+        # final flush of stdout from raising again (the recipe of Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:  # the system refused: a path denied or too long, a full disk, ...
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"minphi3: error: {where}{exc.strerror or one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Exception as exc:
         if debug:
             raise

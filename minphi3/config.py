@@ -371,8 +371,10 @@ def _labels_by_id(id2label: dict) -> dict[int, str]:
 def _rope_theta(fields: _FieldReader, rope_parameters: dict) -> float:
     """rope_theta from `rope_parameters` (transformers 5) or the top level (published files)."""
     theta = rope_parameters.get("rope_theta", fields.data.get("rope_theta", 10000.0))
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (theta > 0 and math.isfinite(theta)):
-        raise ConfigError(f"{fields.source}: field 'rope_theta' must be a positive finite number, found {theta!r}")
+    # Above 1, so that the frequencies theta**(-2i/d) fall from 1 as RoPE's do (every published
+    # value is 10^4 or more); a tiny theta overflows them to inf, and the logits to NaN.
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (theta > 1 and math.isfinite(theta)):
+        raise ConfigError(f"{fields.source}: field 'rope_theta' must be a finite number above 1, found {theta!r}")
     return float(theta)
 
 
@@ -521,6 +523,12 @@ def validate_config(config: ModelConfig, source: str = "config.json") -> None:
             f"{config.rotary_dim} for head_dim {config.head_dim}; it must be a positive even number"
         )
     if config.uses_longrope:
+        if config.rope_scaling.attention_factor is None and (config.original_max_position_embeddings or 2) < 2:
+            # The attention factor divides by log(original_max): 0 for a context of 1.
+            raise ConfigError(
+                f"{source}: field 'original_max_position_embeddings' must be at least 2 for LongRoPE, "
+                f"found {config.original_max_position_embeddings}"
+            )
         for name in ("short_factor", "long_factor"):
             found = len(getattr(config.rope_scaling, name))
             if found != config.rotary_dim // 2:
@@ -540,6 +548,9 @@ def validate_config(config: ModelConfig, source: str = "config.json") -> None:
         value = getattr(config, name)
         if value is not None and value >= config.vocab_size:
             raise ConfigError(f"{source}: field {name!r} ({value}) is not below vocab_size ({config.vocab_size})")
+    for value in config.eos_token_ids:
+        if value >= config.vocab_size:
+            raise ConfigError(f"{source}: field 'eos_token_id' ({value}) is not below vocab_size ({config.vocab_size})")
 
 
 class _FieldReader:

@@ -384,7 +384,7 @@ def gguf_config(metadata: dict, tensors: dict, path) -> dict:
     key_length = metadata.get(k + "attention.key_length", head_dim)
     if key_length != head_dim:
         raise ConfigError(
-            f"{path}: {k}attention.key_length is {key_length} but embedding_length / head_count is {head_dim}; "
+            f"{path}: {k}attention.key_length is {key_length!r} but embedding_length / head_count is {head_dim}; "
             "minphi3 needs head_dim = hidden / heads"
         )
     rotary_dim = _positive_int(metadata, k + "rope.dimension_count", path, default=head_dim)
@@ -464,6 +464,8 @@ def _longrope(metadata: dict, tensors: dict, config: dict, path) -> dict:
         if name not in tensors:
             raise CheckpointError(f"{path}: GGUF file has LongRoPE factors but no tensor {name!r}")
     original = _positive_int(metadata, "phi3.rope.scaling.original_context_length", path)
+    if original < 2:  # the attention factor below divides by log(original)
+        raise ConfigError(f"{path}: GGUF key 'phi3.rope.scaling.original_context_length' must be at least 2, found {original}")
     # Stored as float32: each written back as the shortest decimal of that float32 (1.08, not
     # 1.0800000429153442); rope tables cast the factors to float32, so nothing changes numerically.
     scaling = {

@@ -46,7 +46,7 @@ def load(path, backend: str = "numpy", dtype: str = "float32", progress: bool = 
     config = read_model_config(path)
     check_memory(config, dtype, xp)
     try:
-        if path.suffix == ".gguf":
+        if is_gguf_path(path):
             return _load_gguf(path, xp, dtype, progress)
         return _load_safetensors(path, config, xp, dtype, progress)
     except MemoryError:  # the check above passed, but the memory went elsewhere meanwhile
@@ -105,21 +105,29 @@ def read_model_config(path: Path) -> ModelConfig:
     .gguf file; a folder holding only pickle checkpoints (before config.json, so that it is refused
     for what it is); then whatever `load_config` finds wrong.
     """
-    if path.suffix in PICKLE_SUFFIXES and path.is_file():
-        raise CheckpointError(
-            f"{path}: pickle checkpoints are refused: unpickling can run arbitrary code. "
-            "Convert it to safetensors on a trusted machine first"
-        )
-    if path.suffix == ".gguf":
-        from .gguf import read_gguf_config  # noqa: PLC0415
+    try:
+        if path.suffix in PICKLE_SUFFIXES and path.is_file():
+            raise CheckpointError(
+                f"{path}: pickle checkpoints are refused: unpickling can run arbitrary code. "
+                "Convert it to safetensors on a trusted machine first"
+            )
+        if is_gguf_path(path):
+            from .gguf import read_gguf_config  # noqa: PLC0415
 
-        return config_from_dict(read_gguf_config(path), source=str(path))
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: expected a checkpoint folder (config.json + *.safetensors) or a .gguf file")
-    refuse_pickle_only(path)
-    return load_config(path)
+            return config_from_dict(read_gguf_config(path), source=str(path))
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or folder")
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a checkpoint folder (config.json + *.safetensors) or a .gguf file")
+        refuse_pickle_only(path)
+        return load_config(path)
+    except OSError as exc:  # stat or listing refused: a folder without permission, a name too long
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def is_gguf_path(path: Path) -> bool:
+    """A .gguf file by its name, in any case (llama.cpp's tools accept "model.GGUF" too)."""
+    return path.suffix.lower() == ".gguf"
 
 
 READ_THREADS = 4  # most threads reading tensors at once (`read_parameters`)
@@ -232,8 +240,14 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 def resolve_model_path(path) -> Path:
     """A local path as given; a hub id ("microsoft/Phi-3-mini-4k-instruct") that is not a local
     path is fetched with huggingface_hub (safetensors and JSON files only, never pickles)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"the checkpoint path must be a str or a path (a folder or a .gguf file), found {type(path).__name__}")
     local = Path(path)
-    if local.exists() or not HUB_ID.fullmatch(str(path)):
+    try:
+        exists = local.exists()
+    except OSError as exc:  # a parent folder without permission, a name too long
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if exists or not HUB_ID.fullmatch(str(path)):
         return local
     try:
         import huggingface_hub  # noqa: PLC0415

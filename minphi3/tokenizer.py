@@ -129,6 +129,8 @@ def panic_output_hidden():
 def _read_text(path: Path) -> str:
     """Read a UTF-8 text file, with a TokenizerError naming it on failure."""
     try:
+        if path.exists() and not path.is_file():  # a FIFO would block the read until written to
+            raise TokenizerError(f"{path}: not a regular file (a FIFO, socket, device or folder); expected a text file")
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TokenizerError(f"{path}: cannot read the file: {exc}") from None
@@ -616,6 +618,11 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TokenizerError(f"{self.source}: encode expects a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates: what Python makes of invalid UTF-8 in argv
+            raise TokenizerError(f"the text is not valid UTF-8 (character {exc.start} is a lone surrogate "
+                                 f"{text[exc.start]!r}); give UTF-8 text") from None
         encoding = _guarded(self.source, "encode", self._backend.encode, text, add_special_tokens=add_special_tokens)
         return list(encoding.ids)
 

@@ -106,6 +106,8 @@ def test_chat_lines_piped_with_crlf_are_read_as_lf(chat_model):
         (["generate", "--bogus-flag", "hi"], "unrecognized arguments"),
         (["chat", "--max-new-tokens", "many"], "invalid int value"),
         ([], "missing command"),
+        (["parity", ".", "--seed", "-1"], "--seed must be a non-negative integer"),
+        (["parity", ".", "--save", ""], "--save needs a file name"),
     ],
 )
 def test_bad_command_lines_give_one_line_and_exit_2(arguments, message):
@@ -232,3 +234,46 @@ def test_chat_session_answers_equal_a_fresh_generation_each_turn(chat_model):
         expected = tokenizer.decode([t for t in fresh if t not in session.stop_ids], skip_special_tokens=True).strip()
         assert answer == expected
     assert session.last_reused_tokens > 0
+
+
+def test_a_reader_that_goes_away_ends_the_stream_quietly(chat_model):
+    """`generate ... | head -c 3`: the broken pipe ends the run with 141 (SIGPIPE's status) and
+    nothing on stderr, as Unix tools do; not an 'internal error'."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "minphi3", "generate", "--model", str(chat_model), "Once upon a time",
+         "--max-new-tokens", "200", "--temperature", "1.0", "--seed", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    assert process.stdout.read(3) == b"Onc"
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == cli.EXIT_BROKEN_PIPE, stderr
+    assert stderr.decode().strip() == ""
+
+
+def test_a_full_disk_on_stdout_is_one_line(chat_model):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "minphi3", "generate", "--model", str(chat_model), "hi",
+                                 "--max-new-tokens", "4"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr
+
+
+def test_closed_stdin_reads_as_the_end_and_closed_stderr_keeps_errors_off_stdout(chat_model, tmp_path):
+    chat = subprocess.run(f'"{sys.executable}" -m minphi3 chat --model "{chat_model}" <&-', shell=True,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    missing = subprocess.run(f'"{sys.executable}" -m minphi3 generate --model "{tmp_path / "none"}" hi 2>&-',
+                             shell=True, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode == 2
+    assert missing.stdout == ""
+
+
+def test_a_prompt_of_invalid_utf8_is_named(chat_model):
+    result = subprocess.run([sys.executable.encode(), b"-m", b"minphi3", b"generate", b"--model", str(chat_model).encode(),
+                             b"caf\xe9", b"--max-new-tokens", b"2"], capture_output=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "not valid UTF-8" in lines[0], lines
+

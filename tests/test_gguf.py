@@ -1212,3 +1212,18 @@ def test_rotary_factor_gives_back_the_rotary_dim():
         for rotary_dim in range(2, head_dim + 1, 2):
             assert int(head_dim * mgguf.rotary_factor(rotary_dim, head_dim)) == rotary_dim, (rotary_dim, head_dim)
     assert mgguf.rotary_factor(32, 80) == 0.4  # phi-2, unchanged where nothing is lost
+
+
+def test_a_gguf_file_is_recognised_whatever_the_case_of_its_suffix(phi3_file, tmp_path):
+    """llama.cpp's tools accept "MODEL.GGUF"; the loader, the tokenizer and the CLI do too."""
+    import subprocess
+    import sys
+
+    upper = tmp_path / "MODEL.GGUF"
+    upper.write_bytes(phi3_file[0].read_bytes())
+    ids = [[5, 6, 7]]
+    np.testing.assert_array_equal(logits(minphi3.load(upper), ids), logits(minphi3.load(phi3_file[0]), ids))
+    assert len(load_tokenizer(upper)) == len(load_tokenizer(phi3_file[0]))
+    result = subprocess.run([sys.executable, "-m", "minphi3", "generate", "--model", str(upper), "hi",
+                             "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr

@@ -352,6 +352,37 @@ def _(root):
     return config_folder(root, rope_scaling={"type": "dynamic", "factor": 2.0})
 
 
+@case("config", "longrope_original_context_of_one", ConfigError, "'original_max_position_embeddings'", "at least 2",
+      "found 1")
+def _(root):
+    # The attention factor sqrt(1 + log(s) / log(original_max)) divides by log(1) = 0.
+    scaling = {"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
+    return config_folder(root, rope_scaling=scaling, original_max_position_embeddings=1)
+
+
+@case("config", "eos_beyond_vocab", ConfigError, "config.json", "'eos_token_id' (1000000)", "vocab_size (272)")
+def _(root):
+    return config_folder(root, eos_token_id=[2, 1000000])
+
+
+@case("config", "tiny_rope_theta", ConfigError, "config.json", "'rope_theta'", "above 1", "1e-300")
+def _(root):
+    return config_folder(root, rope_theta=1e-300)  # theta ** (-2i/d) overflows: NaN logits
+
+
+@case("config", "generation_config_bad_temperature", GenerationError, "generation_config.json", "temperature", "-1")
+def _(root):
+    folder = write_model(root / "model")
+    write_json(folder / "generation_config.json", {"do_sample": True, "temperature": -1.0})
+    return Attempt(api=lambda: minphi3.generate(minphi3.load(folder), [[65, 66]], max_new_tokens=2),
+                   cli=load_args(folder))
+
+
+@case("config", "path_name_too_long", CheckpointError, "cannot read it", "File name too long")
+def _(root):
+    return loading(root / ("m" * 300))
+
+
 @case("config", "phi3_small", ConfigError, "Phi3SmallForCausalLM", "not supported")
 def _(root):
     return config_folder(root, architectures=["Phi3SmallForCausalLM"], model_type="phi3small")
@@ -867,6 +898,18 @@ def _(root):
     spec["model"].update(vocab=vocab, merges=[["h", "i"], ["hi", "hi"]])
     spec["added_tokens"] = []
     return tokenizer_folder(root, spec=spec)
+
+
+@case("tokenizer", "chat_template_is_a_fifo", TokenizerError, "x.jinja", "not a regular file")
+def _(root):
+    # Reading a FIFO blocks until something writes to it: refused unread, not waited on.
+    import os
+
+    attempt = tokenizer_folder(root)
+    folder = Path(attempt.cli[2])
+    (folder / "additional_chat_templates").mkdir()
+    os.mkfifo(folder / "additional_chat_templates" / "x.jinja")
+    return attempt
 
 
 @case("tokenizer", "missing_file", TokenizerError, "tokenizer.json", "file not found")
