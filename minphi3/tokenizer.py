@@ -1083,7 +1083,9 @@ class IncrementalDetokenizer:
     """Turn ids into text one token at a time, for streaming.
 
     The concatenation of every `push` result and the final `flush` equals
-    `tokenizer.decode(all_ids, skip_special_tokens=...)`. Decoding one token at a time does not:
+    `tokenizer.decode(all_ids, skip_special_tokens=...)`, except where the ids spell bytes that are
+    not valid UTF-8 (a model can generate any byte token): a piece already sent is not taken back
+    when a later byte makes its run invalid, and the full decode replaces the run. Decoding one token at a time does not:
     the Metaspace/Strip decoder drops the leading space of whatever it decodes first, and a
     byte-fallback token like `<0xE2>` is not valid UTF-8 alone. So we decode a short window twice:
     ids[prefix:read] (text already sent) and ids[prefix:] (that text plus the new tokens), both
@@ -1100,7 +1102,16 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, context_ids=()):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = [int(i) for i in list(context_ids)[-self.CONTEXT_TOKENS :]]
+        context = [int(i) for i in context_ids]
+        start = max(0, len(context) - self.CONTEXT_TOKENS)
+        # A window that opens inside a character (on a token holding its later bytes, such as
+        # <0x9C>) decodes that character's bytes as U+FFFD, and a continuation of the same byte
+        # run with them: open it before the character (at most 3 bytes precede its last one).
+        for _ in range(3):
+            if start == 0 or not self._decode(context[start : start + 1]).startswith("\ufffd"):
+                break
+            start -= 1
+        self.ids: list[int] = context[start:]
         self._prefix = 0  # start of the window: first token of the chunk sent last
         self._read = len(self.ids)  # tokens before this index have been sent as text
 

@@ -713,6 +713,20 @@ def test_stream_after_a_shown_prompt_keeps_the_first_space(pairs, name):
     assert streamed.startswith(" jumps")
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("prompt_text, whole_text", [("한국어", "한국어한국"), ("ok 🚀🚀", "ok 🚀🚀🚀 go")])
+def test_stream_after_a_prompt_that_ends_in_byte_tokens(pairs, name, prompt_text, whole_text):
+    """The prompt's last 8 tokens start inside a character (Phi-3's byte fallback spells 한 as
+    three byte tokens): the window must open before it, or the byte run decodes as U+FFFD."""
+    ours = pairs[name][0]
+    prompt, whole_ids = ours.encode(prompt_text), ours.encode(whole_text)
+    assert whole_ids[: len(prompt)] == prompt
+    detokenizer = IncrementalDetokenizer(ours, context_ids=prompt)
+    streamed = "".join([detokenizer.push(i) for i in whole_ids[len(prompt) :]] + [detokenizer.flush()])
+    assert streamed == ours.decode(whole_ids)[len(ours.decode(prompt)) :]
+    assert "\ufffd" not in streamed
+
+
 _unicode = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
 _pieces = st.sampled_from(["<|end|>", "<|im_end|>", " ", "  ", "\n", "▁", "🙂", "é", "東京", "<0xE2>", "\t"])
 
