@@ -23,8 +23,9 @@ What this module does, and why each part exists:
   SentencePiece-style tokens.
 
 What it does not do: slow (Python) tokenizers, `tokenizer.model` SentencePiece files without a
-`tokenizer.json`, batched chat rendering, `continue_final_message`, and tools given as Python
-functions (pass their JSON schemas).
+`tokenizer.json`, batched chat rendering, `continue_final_message` and the other options of
+`UNSUPPORTED_TEMPLATE_OPTIONS` (refused when set), and tools given as Python functions (refused:
+pass their JSON schemas).
 """
 
 from __future__ import annotations
@@ -238,6 +239,8 @@ def _from_folder(folder, cls) -> Tokenizer:
     generation_config = _read_json_object(folder / "generation_config.json") or {}
 
     class_name = transformers_tokenizer_class(config, model_config, spec_text)
+    for name, token in CLASS_DEFAULT_TOKENS.get(class_name, {}).items():
+        config.setdefault(name, token)  # the class's __init__ defaults; an explicit null stays null
     if class_name in _REBUILT_CLASSES and isinstance(spec.get("model"), dict) and spec["model"].get("type") == "BPE":
         spec = _rebuild_like_transformers(spec, class_name, config)
         spec_text = json.dumps(spec)
@@ -299,6 +302,14 @@ _REGISTERED_CLASSES = {"phi": "GPT2Tokenizer", "gpt2": "GPT2Tokenizer", "codegen
 
 # Classes whose `__init__` rebuilds the pipeline from the vocabulary instead of reading tokenizer.json.
 _REBUILT_CLASSES = frozenset({"LlamaTokenizer", "GPT2Tokenizer", "CodeGenTokenizer"})
+
+# The special tokens those classes' `__init__` name when tokenizer_config.json does not.
+_GPT2_DEFAULTS = {"unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+CLASS_DEFAULT_TOKENS = {
+    "LlamaTokenizer": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
+    "GPT2Tokenizer": _GPT2_DEFAULTS,
+    "CodeGenTokenizer": _GPT2_DEFAULTS,
+}
 
 
 def transformers_tokenizer_class(config: dict, model_config: dict, spec_text: str) -> str:
@@ -494,6 +505,8 @@ class Tokenizer:
         self._named = named_special_tokens(self.config)
         _add_config_tokens(backend, self.config, self._named, self.source)
         self.clean_up_tokenization_spaces = bool(self.config.get("clean_up_tokenization_spaces", False))
+        # transformers skips the clean-up for BPE, which it corrupts, unless the config insists.
+        self._cleans_bpe = bool(self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
         self._is_bpe = type(backend.model).__name__ == "BPE"
         self.chat_template = self.config.get("chat_template") or None
 
@@ -634,23 +647,37 @@ class Tokenizer:
         ids = _as_id_list(ids, self.source)
         text = _guarded(self.source, "decode", self._backend.decode, ids, skip_special_tokens=skip_special_tokens)
         # transformers' clean-up of " ." and friends: on only when the config asks, never for BPE.
-        if self.clean_up_tokenization_spaces and not self._is_bpe:
+        if self.clean_up_tokenization_spaces and (self._cleans_bpe or not self._is_bpe):
             text = _clean_up_tokenization(text)
         return text
 
     # --- chat ------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **extra):
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False,
+                            chat_template: str | None = None, **extra):  # fmt: skip
         """Render `messages` with the checkpoint's chat template, exactly as transformers 5.23 does.
 
         messages: a list of {"role": ..., "content": ...} dicts.
         add_generation_prompt: append the assistant header. Defaults to True here (transformers
           defaults to False) because minphi3 renders prompts to generate from.
         tokenize: False -> the string; True -> its ids, encoded with add_special_tokens=False.
+        chat_template: a template to use instead, or the name of one of the checkpoint's templates.
         extra: more template variables (tools=, documents=, or anything the template reads); they
-          override the special-token strings of the same name.
+          override the special-token strings of the same name. transformers' options that change
+          the output rather than feed the template (`UNSUPPORTED_TEMPLATE_OPTIONS`) are refused
+          when set, since passing them on as variables would render a different prompt silently.
         """
-        template = _select_template(self.chat_template, extra.get("tools"), self.source)
+        refused = [name for name in UNSUPPORTED_TEMPLATE_OPTIONS if extra.get(name)]
+        if refused:
+            raise TokenizerError(
+                f"apply_chat_template option {refused[0]}={extra[refused[0]]!r} is not supported (minphi3 renders "
+                "one conversation to a string, or its ids with tokenize=True)"
+            )
+        extra = {name: value for name, value in extra.items() if name not in UNSUPPORTED_TEMPLATE_OPTIONS}
+        if any(callable(tool) for tool in extra.get("tools") or ()):
+            raise TokenizerError("tools given as Python functions are not supported: pass their JSON schemas "
+                                 "(transformers.utils.get_json_schema(function) writes one)")  # fmt: skip
+        template = _select_template(self.chat_template, extra.get("tools"), self.source, chat_template)
         text = render_chat_template(
             template, messages, add_generation_prompt, self.special_tokens_map, source=self.source, **extra
         )
@@ -694,20 +721,35 @@ def _clean_up_tokenization(text: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _select_template(chat_template, tools, source: str) -> str:
-    """Pick the template to use: the only one, or from named templates "tool_use" (when tools are
-    given) or "default", as transformers' `get_chat_template` does."""
-    if chat_template is None:
-        raise TokenizerError(
-            f"{source}: the tokenizer has no chat template (no chat_template.jinja and no "
-            "chat_template in tokenizer_config.json); format the prompt yourself"
-        )
+# transformers' apply_chat_template options that change what it returns, not what the template
+# reads: refused when set (False, None or {} is their default and passes).
+UNSUPPORTED_TEMPLATE_OPTIONS = (
+    "continue_final_message", "sanitize_control_tokens", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+)  # fmt: skip
+
+
+def _select_template(chat_template, tools, source: str, requested: str | None = None) -> str:
+    """Pick the template to use, as transformers' `get_chat_template` does: `requested` when given
+    (the name of one of the checkpoint's templates, else a template itself); else the only one, or
+    from named templates "tool_use" (when tools are given) or "default"."""
     if isinstance(chat_template, list):  # tokenizer_config.json may store [{"name": ..., "template": ...}]
         chat_template = {
             t["name"]: t.get("template")
             for t in chat_template
             if isinstance(t, dict) and isinstance(t.get("name"), str)
         }
+    if requested is not None:
+        if not isinstance(requested, str):
+            raise TokenizerError(f"chat_template must be a template string or a template's name, found {type(requested).__name__}")
+        if isinstance(chat_template, dict) and requested in chat_template:
+            requested = chat_template[requested]
+        return _select_template(requested, None, source)
+    if chat_template is None:
+        raise TokenizerError(
+            f"{source}: the tokenizer has no chat template (no chat_template.jinja and no "
+            "chat_template in tokenizer_config.json); format the prompt yourself"
+        )
     if isinstance(chat_template, dict):
         name = "tool_use" if tools is not None and "tool_use" in chat_template else "default"
         if name not in chat_template:

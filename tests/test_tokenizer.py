@@ -616,6 +616,98 @@ def test_named_chat_templates(pairs):
     assert tok.apply_chat_template(messages, tools=[{"name": "f"}]) == "T1"
 
 
+def test_chat_template_argument_as_transformers_reads_it(pairs, folders, tmp_path):
+    """chat_template= is a template, or the name of one of the checkpoint's templates."""
+    import shutil
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    ours, theirs = pairs["phi3"]
+    template = "CUSTOM {{ messages[0].content }}"
+    assert ours.apply_chat_template(messages, chat_template=template) == theirs.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True) == "CUSTOM Hi"  # fmt: skip
+    folder = tmp_path / "named"
+    shutil.copytree(folders["chatml"], folder)
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "brief.jinja").write_text("B{{ messages | length }}", encoding="utf-8")
+    ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    assert ours.apply_chat_template(messages, chat_template="brief") == theirs.apply_chat_template(
+        messages, chat_template="brief", tokenize=False) == "B2"  # fmt: skip
+
+
+@pytest.mark.parametrize("option, value", [
+    ("continue_final_message", True), ("return_dict", True), ("return_tensors", "np"), ("padding", True),
+    ("tokenizer_kwargs", {"add_special_tokens": True}), ("return_assistant_tokens_mask", True),
+])
+def test_options_that_change_the_output_are_refused_not_rendered(pairs, option, value):
+    """Passed on as template variables they would render another prompt than transformers' silently."""
+    ours = pairs["phi3"][0]
+    messages = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(TokenizerError, match=f"option {option}=.* is not supported"):
+        ours.apply_chat_template(messages, **{option: value})
+    assert ours.apply_chat_template(messages, **{option: None}) == ours.apply_chat_template(messages)  # unset: fine
+
+
+def test_tools_given_as_functions_are_refused(pairs):
+    def get_weather(city: str) -> str:
+        """Get the weather.
+
+        Args:
+            city: The city.
+        """
+
+    with pytest.raises(TokenizerError, match="JSON schemas"):
+        pairs["phi3"][0].apply_chat_template([{"role": "user", "content": "Hi"}], tools=[get_weather])
+
+
+@pytest.mark.parametrize("base, class_name, model_config", [
+    ("llama-class", None, None), ("chatml", "CodeGenTokenizer", {"model_type": "phi"}),
+    ("chatml", "GPT2Tokenizer", None),
+])
+def test_class_default_special_tokens_when_the_config_names_none(folders, tmp_path, base, class_name, model_config):
+    """LlamaTokenizer's __init__ names <s>, </s>, <unk>; GPT2Tokenizer's and CodeGenTokenizer's
+    <|endoftext|> for all three: transformers uses them when tokenizer_config.json names none."""
+    import shutil
+
+    folder = tmp_path / "f"
+    shutil.copytree(folders[base], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        config.pop(name, None)
+    if class_name:
+        config["tokenizer_class"] = class_name
+    config["chat_template"] = "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in ("chat_template.jinja",):
+        (folder / extra).unlink(missing_ok=True)
+    if model_config:
+        (folder / "config.json").write_text(json.dumps(model_config))
+    ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    assert ours.special_tokens_map == theirs.special_tokens_map
+    assert ours.special_tokens_map["eos_token"] in ("</s>", "<|endoftext|>")
+    assert len(ours) == len(theirs)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(messages, add_generation_prompt=False) == theirs.apply_chat_template(
+        messages, tokenize=False)  # fmt: skip
+    text = "a</s> b<|endoftext|><s>"
+    assert ours.encode(text) == theirs(text)["input_ids"]
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_clean_up_of_bpe_spaces_only_when_the_config_insists(folders, tmp_path, forced):
+    import shutil
+
+    folder = tmp_path / "f"
+    shutil.copytree(folders["chatml"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["clean_up_tokenization_spaces"] = True
+    config["clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"] = forced
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))
+    ids = ours.encode("Hello , world . It 's fine")
+    assert ours.decode(ids) == theirs.decode(ids)
+    assert ("Hello," in ours.decode(ids)) == forced
+
+
 def test_additional_chat_templates_folder_as_transformers_reads_it(folders, tmp_path):
     """transformers 5 saves named templates as additional_chat_templates/NAME.jinja next to
     chat_template.jinja; both sides must find and pick them alike."""
