@@ -152,7 +152,7 @@ class KVCache:
         """
         xp = self.xp
         held = self.slot_index >= 0
-        recorded = padding[:, xp.maximum(self.slot_index, 0)]  # [batch, capacity]
+        recorded = padding[:, xp.clip(self.slot_index, 0, padding.shape[1] - 1)]  # [batch, capacity]
         self.key_padding[...] = xp.where(held[None, :], recorded, self.key_padding)
 
     # ---- one forward step ---------------------------------------------------------------------

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_flags(parser):
-    parser.add_argument("--model", help="checkpoint folder or .gguf file (default: the embedded demo model)")
+    parser.add_argument("--model", help="checkpoint folder, .gguf file or hub id (default: the demo model, fetched once)")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"])
 
@@ -271,8 +271,10 @@ def run_parity(args) -> int:
     )
 
     path = Path(args.path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such folder")
     if not path.is_dir():
-        raise UsageError(f"{path}: expected a checkpoint folder")
+        raise UsageError(f"{path}: expected a Hugging Face checkpoint folder (for a .gguf file, `convert` it first)")
     if args.length <= 0:
         raise UsageError("--length must be positive")
     if args.seed < 0:
@@ -287,18 +289,20 @@ def run_parity(args) -> int:
     ids = probe_ids(model.config.vocab_size, min(args.length, model.config.max_position_embeddings), args.seed)
     ours = minphi3_trace(model, ids)
     try:
-        import transformers  # noqa: F401, PLC0415
+        import transformers  # noqa: PLC0415
     except ImportError:
         print("transformers is not installed: showing minphi3's trace only.")
         theirs = None
     else:
+        transformers.logging.disable_progress_bar()  # its "Loading weights" bar would fill stderr
         try:
             theirs = transformers_trace(path, ids, args.dtype, lift=args.lift)
         except Exception as exc:  # transformers refuses some valid configs (the 2024 "su" spelling)
             print(f"transformers could not run this checkpoint ({type(exc).__name__}: {str(exc)[:200]})")
             theirs = None
     oracle = "transformers with its float32 steps lifted" if args.lift else "transformers as shipped"
-    print(f"{path} ({model.config.architectures[0]}, {args.dtype}, {ids.shape[1]} tokens; against {oracle})")
+    against = f"; against {oracle}" if theirs is not None else ""
+    print(f"{path} ({model.config.architectures[0]}, {args.dtype}, {ids.shape[1]} tokens{against})")
     if theirs is not None:
         print(format_table(difference_rows(ours, theirs)))
     else:
@@ -329,6 +333,8 @@ def run_convert(args) -> int:
     from .convert import convert_gguf  # noqa: PLC0415
 
     source = Path(args.input)
+    if source.is_dir():
+        raise UsageError(f"{source}: a folder; convert reads a .gguf file (a Hugging Face folder loads as it is)")
     if not source.is_file():
         raise UsageError(f"{source}: no such file")
     out = convert_gguf(source, args.output, progress=sys.stderr.isatty(), overwrite=args.force)

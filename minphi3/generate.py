@@ -108,7 +108,7 @@ def check_length(config, prompt_length: int, max_new_tokens) -> int:
     limit = config.max_position_embeddings
     if prompt_length + max_new_tokens > limit:
         raise GenerationError(
-            f"the prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) is longer than the "
+            f"the prompt ({prompt_length} token{'' if prompt_length == 1 else 's'}) plus max_new_tokens ({max_new_tokens}) is longer than the "
             f"model's context of {limit} tokens (max_position_embeddings); shorten the prompt or ask for fewer tokens"
         )
     return int(max_new_tokens)

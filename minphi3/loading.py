@@ -70,7 +70,7 @@ def _load_safetensors(path: Path, config: ModelConfig, xp, dtype, progress: bool
     model = Model(config, params, xp=xp, dtype=dtype)
     model.source = path
     model.generation_config = generation_settings(read_generation_config(path), config)
-    model.tokenizer_size = tokenizer_size(path / "tokenizer.json")
+    model.tokenizer_size = tokenizer_size(path)
     return model
 
 
@@ -211,25 +211,20 @@ def generation_config_from_model_config(config: ModelConfig) -> dict:
     return {"_from_model_config": True, **{key: value for key, value in ids.items() if value is not None}}
 
 
-def tokenizer_size(path: Path) -> int | None:
-    """One past the highest id the tokenizer in tokenizer.json can produce (`tokenizer.id_bound`;
-    None when there is none or it cannot be read: the tokenizer loader reports that problem where
-    a tokenizer is needed)."""
-    if not path.is_file():
+def tokenizer_size(folder: Path) -> int | None:
+    """One past the highest id the checkpoint's tokenizer can produce (`Tokenizer.id_bound`: the
+    tokens of tokenizer.json and those tokenizer_config.json adds on top, as `load_tokenizer`
+    builds it). None when there is no tokenizer.json or it cannot be read: the tokenizer loader
+    reports that problem where a tokenizer is needed."""
+    if not (folder / "tokenizer.json").is_file():
         return None
     try:
-        import tokenizers  # noqa: PLC0415
+        from .tokenizer import load_tokenizer  # noqa: PLC0415
 
-        from .tokenizer import check_bpe_merges, id_bound  # noqa: PLC0415
-
-        text = path.read_text(encoding="utf-8")
-        spec = json.loads(text)
-        # A merge the Rust builder would panic on (printing a backtrace on stderr): skip the library.
-        check_bpe_merges(spec.get("model") if isinstance(spec, dict) else None, path)
-        return id_bound(tokenizers.Tokenizer.from_str(text)) or None
+        return load_tokenizer(folder).id_bound or None
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException:  # tokenizers raises Rust panics as BaseException subclasses
+    except BaseException:  # noqa: BLE001 - a TokenizerError, or a Rust panic (a BaseException)
         return None
 
 
@@ -259,10 +254,12 @@ def resolve_model_path(path) -> Path:
     try:
         return Path(huggingface_hub.snapshot_download(str(path), allow_patterns=HUB_FILES))
     except Exception as exc:  # no network, unknown repository, gated model, ...
-        raise CheckpointError(
-            f"{path}: not a local file or folder, and fetching it from the hub failed "
-            f"({type(exc).__name__}: {str(exc)[:200]})"
-        ) from None
+        if type(exc).__name__ == "LocalEntryNotFoundError":  # offline, and nothing cached
+            reason = "the hub could not be reached (no network?) and no copy is cached"
+        else:
+            words = " ".join(str(exc).split())
+            reason = f"{type(exc).__name__}: {words[:200]}{'...' if len(words) > 200 else ''}"
+        raise CheckpointError(f"{path}: not a local file or folder, and fetching it from the hub failed ({reason})") from None
 
 
 def _load_gguf(path: Path, xp, dtype, progress: bool) -> Model:

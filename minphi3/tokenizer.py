@@ -24,8 +24,8 @@ What this module does, and why each part exists:
 
 What it does not do: slow (Python) tokenizers, `tokenizer.model` SentencePiece files without a
 `tokenizer.json`, batched chat rendering, `continue_final_message` and the other options of
-`UNSUPPORTED_TEMPLATE_OPTIONS` (refused when set), and tools given as Python functions (refused:
-pass their JSON schemas).
+`RENDERING_OPTIONS` and `TOKENIZING_OPTIONS` (refused when set), and tools given as Python
+functions (refused: pass their JSON schemas).
 """
 
 from __future__ import annotations
@@ -664,16 +664,19 @@ class Tokenizer:
         chat_template: a template to use instead, or the name of one of the checkpoint's templates.
         extra: more template variables (tools=, documents=, or anything the template reads); they
           override the special-token strings of the same name. transformers' options that change
-          the output rather than feed the template (`UNSUPPORTED_TEMPLATE_OPTIONS`) are refused
-          when set, since passing them on as variables would render a different prompt silently.
+          the output rather than feed the template are refused when set (`RENDERING_OPTIONS`,
+          and `TOKENIZING_OPTIONS` with tokenize=True): as variables they would render another
+          prompt silently.
         """
-        refused = [name for name in UNSUPPORTED_TEMPLATE_OPTIONS if extra.get(name)]
+        refused = [name for name in RENDERING_OPTIONS if extra.get(name)]
+        if tokenize:  # transformers reads these only when it tokenizes, and ignores them otherwise
+            refused += [name for name in TOKENIZING_OPTIONS if extra.get(name) not in (None, False, "do_not_pad")]
         if refused:
             raise TokenizerError(
                 f"apply_chat_template option {refused[0]}={extra[refused[0]]!r} is not supported (minphi3 renders "
-                "one conversation to a string, or its ids with tokenize=True)"
+                "one conversation to a string, or with tokenize=True to a list of its ids)"
             )
-        extra = {name: value for name, value in extra.items() if name not in UNSUPPORTED_TEMPLATE_OPTIONS}
+        extra = {name: value for name, value in extra.items() if name not in RENDERING_OPTIONS + TOKENIZING_OPTIONS}
         if any(callable(tool) for tool in extra.get("tools") or ()):
             raise TokenizerError("tools given as Python functions are not supported: pass their JSON schemas "
                                  "(transformers.utils.get_json_schema(function) writes one)")  # fmt: skip
@@ -722,11 +725,12 @@ def _clean_up_tokenization(text: str) -> str:
 
 
 # transformers' apply_chat_template options that change what it returns, not what the template
-# reads: refused when set (False, None or {} is their default and passes).
-UNSUPPORTED_TEMPLATE_OPTIONS = (
-    "continue_final_message", "sanitize_control_tokens", "padding", "truncation", "max_length", "return_tensors",
-    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-)  # fmt: skip
+# reads, so that passing them on as template variables would be wrong. Those that change the
+# rendering are refused when set; those of the tokenization when set with tokenize=True (False,
+# None, {} and "do_not_pad" are their defaults and pass); with tokenize=False transformers
+# ignores them, and so does minphi3.
+RENDERING_OPTIONS = ("continue_final_message", "sanitize_control_tokens", "return_assistant_tokens_mask")
+TOKENIZING_OPTIONS = ("padding", "truncation", "max_length", "return_tensors", "return_dict", "tokenizer_kwargs")
 
 
 def _select_template(chat_template, tools, source: str, requested: str | None = None) -> str:
@@ -1150,7 +1154,7 @@ class IncrementalDetokenizer:
         # <0x9C>) decodes that character's bytes as U+FFFD, and a continuation of the same byte
         # run with them: open it before the character (at most 3 bytes precede its last one).
         for _ in range(3):
-            if start == 0 or not self._decode(context[start : start + 1]).startswith("\ufffd"):
+            if start == 0 or not self._decode(context[start:]).startswith("\ufffd"):
                 break
             start -= 1
         self.ids: list[int] = context[start:]

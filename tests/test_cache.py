@@ -350,3 +350,17 @@ def test_a_whole_mask_decides_the_padding_of_cached_keys_as_in_transformers(zoo,
     unchanged = _np(model(ids[:, 7:], attention_mask=np.ones((2, 2), np.int64), cache=recorded).logits)
     _close(ours[0], unchanged[0])
     assert float(np.abs(ours[1] - unchanged[1]).max()) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["mha", "window"])
+def test_a_whole_mask_after_a_step_that_stopped_half_way(zoo, name):
+    """A step that raised after reserving its slots (Ctrl-C mid-forward) leaves slots past the
+    cache's length; the next call, with a mask over every token, writes them again."""
+    model = zoo.model(name)
+    ids, whole = random_ids(2, 9, seed=3), np.ones((2, 7), np.int64)
+    clean, interrupted = model.new_cache(2, 9), model.new_cache(2, 9)
+    model(ids[:, :5], cache=clean)
+    model(ids[:, :5], cache=interrupted)
+    interrupted.begin_step(2)  # what the raising call had done
+    expected = _np(model(ids[:, 5:7], attention_mask=whole, cache=clean).logits)
+    _close(_np(model(ids[:, 5:7], attention_mask=whole, cache=interrupted).logits), expected)

@@ -634,17 +634,27 @@ def test_chat_template_argument_as_transformers_reads_it(pairs, folders, tmp_pat
         messages, chat_template="brief", tokenize=False) == "B2"  # fmt: skip
 
 
-@pytest.mark.parametrize("option, value", [
-    ("continue_final_message", True), ("return_dict", True), ("return_tensors", "np"), ("padding", True),
-    ("tokenizer_kwargs", {"add_special_tokens": True}), ("return_assistant_tokens_mask", True),
+@pytest.mark.parametrize("option, value, tokenizing", [
+    ("continue_final_message", True, False), ("return_assistant_tokens_mask", True, False),
+    ("return_dict", True, True), ("return_tensors", "np", True), ("padding", True, True),
+    ("tokenizer_kwargs", {"add_special_tokens": True}, True), ("max_length", 4, True),
 ])
-def test_options_that_change_the_output_are_refused_not_rendered(pairs, option, value):
-    """Passed on as template variables they would render another prompt than transformers' silently."""
-    ours = pairs["phi3"][0]
+def test_options_that_change_the_output_are_refused_not_rendered(pairs, option, value, tokenizing):
+    """Passed on as template variables they would render another prompt than transformers'
+    silently. Those of the tokenization transformers ignores without tokenize=True: so does minphi3."""
+    ours, theirs = pairs["phi3"]
     messages = [{"role": "user", "content": "Hi"}]
     with pytest.raises(TokenizerError, match=f"option {option}=.* is not supported"):
-        ours.apply_chat_template(messages, **{option: value})
+        ours.apply_chat_template(messages, tokenize=True, **{option: value})
+    if tokenizing:
+        assert ours.apply_chat_template(messages, **{option: value}) == theirs.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **{option: value})  # fmt: skip
+    else:
+        with pytest.raises(TokenizerError, match=f"option {option}=.* is not supported"):
+            ours.apply_chat_template(messages, **{option: value})
     assert ours.apply_chat_template(messages, **{option: None}) == ours.apply_chat_template(messages)  # unset: fine
+    assert ours.apply_chat_template(messages, tokenize=True, padding="do_not_pad") == ours.apply_chat_template(
+        messages, tokenize=True)  # fmt: skip
 
 
 def test_tools_given_as_functions_are_refused(pairs):
@@ -806,7 +816,9 @@ def test_stream_after_a_shown_prompt_keeps_the_first_space(pairs, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("prompt_text, whole_text", [("한국어", "한국어한국"), ("ok 🚀🚀", "ok 🚀🚀🚀 go")])
+@pytest.mark.parametrize("prompt_text, whole_text", [
+    ("한국어", "한국어한국"), ("ok 🚀🚀", "ok 🚀🚀🚀 go"), ("한한한한", "한한한한국한국"), ("hello한한한한", "hello한한한한국"),
+])
 def test_stream_after_a_prompt_that_ends_in_byte_tokens(pairs, name, prompt_text, whole_text):
     """The prompt's last 8 tokens start inside a character (Phi-3's byte fallback spells 한 as
     three byte tokens): the window must open before it, or the byte run decodes as U+FFFD."""
