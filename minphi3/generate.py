@@ -132,6 +132,8 @@ def generate(
     cache: KVCache | None = None,
     stats: GenerationStats | None = None,
     cuda_graph: bool | None = None,
+    min_new_tokens: int | None = None,
+    min_length: int | None = None,
 ) -> np.ndarray:
     """Continue each row of `input_ids`; -> host int64 [batch, prompt + new] like transformers.
 
@@ -147,6 +149,10 @@ def generate(
     input_ids (a chat's earlier turns): only the rest is fed, and at least the last prompt token
     (its logits pick the first new one); the cache is left holding every token but the last
     generated one. stats: a GenerationStats to fill with counts and timings.
+    min_new_tokens / min_length: no eos id is generated before this many new tokens / before
+    the row (padded prompt included) is this long (transformers' MinNewTokensLength and MinLength
+    processors; min_new_tokens, when set, replaces min_length); None: generation_config.json's,
+    else no minimum.
     cuda_graph: how one-token steps run. None (default): on the GPU as a recorded CUDA graph,
     on the CPU as ordinary model calls. True: through the fixed-shape step of minphi3/decode.py
     (recorded on the GPU; on the CPU the same step, unrecorded). False: ordinary model calls.
@@ -162,10 +168,16 @@ def generate(
     settings = resolve_generation_settings(
         model, prompt_length, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+        min_new_tokens=min_new_tokens, min_length=min_length,
     )  # fmt: skip
     max_new_tokens, do_sample, temperature = settings["max_new_tokens"], settings["do_sample"], settings["temperature"]
     top_k, top_p, min_p = settings["top_k"], settings["top_p"], settings["min_p"]
     repetition_penalty = settings["repetition_penalty"]
+    # transformers' `_prepare_generated_length`: min_new_tokens, when set, replaces min_length.
+    if settings["min_new_tokens"] is not None:
+        min_length = prompt_length + settings["min_new_tokens"]
+    else:
+        min_length = settings["min_length"] or 0
     if do_sample and temperature == 0:
         do_sample = False  # temperature 0 is the limit of sharpening: greedy
     eos_ids = resolve_eos_ids(model, eos_token_id)
@@ -231,6 +243,7 @@ def generate(
                 repetition_penalty=repetition_penalty,
                 context_mask=to_device(full_mask[:, :length], model.xp) if penalized else None,
                 producible_vocab_size=model.tokenizer_size,
+                suppressed_ids=eos_ids if length < min_length else None,
             )
             next_ids = to_numpy(select_next_tokens(scores, do_sample, rng)).astype(np.int64)
         if not unfinished.all():  # a row finished at an eos id, so pad_id is set
@@ -263,8 +276,22 @@ GENERATION_DEFAULTS = {
     "top_p": None,
     "min_p": None,
     "repetition_penalty": None,
+    "min_new_tokens": None,
+    "min_length": None,
 }
 SAMPLING_PARAMETERS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+# Settings of generation_config.json that change transformers' tokens and that minphi3's generate
+# does not implement, with the values that leave them off. Set otherwise, the file is refused:
+# answering as if it were not there would differ from transformers without a word.
+UNIMPLEMENTED_SETTINGS = {
+    "num_beams": (1,), "num_beam_groups": (1,), "penalty_alpha": (0,), "diversity_penalty": (0,),
+    "no_repeat_ngram_size": (0,), "encoder_no_repeat_ngram_size": (0,), "bad_words_ids": ([],),
+    "suppress_tokens": ([],), "begin_suppress_tokens": ([],), "forced_bos_token_id": (), "forced_eos_token_id": (),
+    "forced_decoder_ids": ([],), "typical_p": (1,), "epsilon_cutoff": (0,), "eta_cutoff": (0,), "top_h": (),
+    "sequence_bias": ({},), "exponential_decay_length_penalty": (), "guidance_scale": (1,),
+    "encoder_repetition_penalty": (1,), "constraints": ([],), "force_words_ids": ([],), "watermarking_config": (),
+}  # fmt: skip
 
 
 def resolve_generation_settings(model, prompt_length: int, **given) -> dict:
@@ -278,6 +305,13 @@ def resolve_generation_settings(model, prompt_length: int, **given) -> dict:
     is checked against it (`check_length`). -> {name: value} for every key of GENERATION_DEFAULTS.
     """
     file_config = model.generation_config or {}
+    for name, off in UNIMPLEMENTED_SETTINGS.items():
+        value = file_config.get(name)
+        if value is not None and not any(value == default and type(value) is not bool for default in off):
+            raise GenerationError(
+                f"generation_config.json sets {name}={value!r}, which minphi3's generate does not implement "
+                "(transformers' tokens would differ); remove it from the file to generate without it"
+            )
     settings, from_file = {}, []
     for name, default in GENERATION_DEFAULTS.items():
         value = given.get(name)
@@ -294,6 +328,11 @@ def resolve_generation_settings(model, prompt_length: int, **given) -> dict:
     except GenerationError as exc:
         raise GenerationError(f"generation_config.json: {exc}") from None
     validate_sampling_parameters(**{name: settings[name] for name in SAMPLING_PARAMETERS})
+    for name in ("min_new_tokens", "min_length"):
+        value = settings[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            where = "generation_config.json's " if name in from_file else ""
+            raise GenerationError(f"{where}{name} must be a non-negative integer, found {value!r}")
     settings["max_new_tokens"] = _new_token_budget(model.config, prompt_length, given.get("max_new_tokens"), file_config)
     return settings
 

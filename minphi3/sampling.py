@@ -162,6 +162,18 @@ def mask_unproducible_ids(scores, producible_vocab_size: int):
     return xp.where(ids < producible_vocab_size, scores, xp.asarray(-xp.inf, dtype=scores.dtype))
 
 
+def suppress_ids(scores, ids):
+    """Set the scores of `ids` to -inf: scores [batch, vocab], ids: a list of ids -> [batch, vocab].
+
+    transformers' MinLength and MinNewTokensLength processors do this to the eos ids while the
+    text is shorter than min_length (prompt included) or min_new_tokens.
+    """
+    xp = array_module(scores)
+    banned = xp.zeros(scores.shape[-1], dtype=bool)
+    banned[xp.asarray(list(ids), dtype=np.int64)] = True
+    return xp.where(banned, xp.asarray(-xp.inf, dtype=scores.dtype), scores)
+
+
 def apply_repetition_penalty(scores, context_ids, penalty: float, context_mask=None):
     """Penalize every id already present in the context, once per id (CTRL, Keskar et al. 2019).
 
@@ -307,6 +319,7 @@ def process_scores(
     repetition_penalty=None,
     context_mask=None,
     producible_vocab_size=None,
+    suppressed_ids=None,
 ):
     """The next-token scores that `generate` selects from: [batch, vocab] -> float32 [batch, vocab].
 
@@ -316,6 +329,8 @@ def process_scores(
     Order (transformers 5.23 `_get_logits_processor`), each step only when enabled:
       0. mask_unproducible_ids          if producible_vocab_size is given (minphi3 only)
       1. apply_repetition_penalty       if repetition_penalty not in (None, 1.0); greedy too
+      1b. suppress_ids                  if suppressed_ids (the eos ids before min_length /
+                                        min_new_tokens is reached); greedy too
       -- only when sampling (do_sample and temperature != 0, see `sampling_enabled`): --
       2. apply_temperature              if temperature not in (None, 1.0)
       3. top_k_filter                   if top_k not in (None, 0)
@@ -338,6 +353,8 @@ def process_scores(
         if context_ids is None:
             raise GenerationError("repetition_penalty needs context_ids (the prompt and the tokens so far)")
         scores = apply_repetition_penalty(scores, context_ids, repetition_penalty, context_mask)
+    if suppressed_ids:
+        scores = suppress_ids(scores, suppressed_ids)
     if not sampling_enabled(do_sample, temperature):
         return scores
     if temperature is not None and temperature != 1.0:

@@ -1,6 +1,7 @@
 """minphi3.generate against transformers' generate, token for token, on tiny random checkpoints."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -501,3 +502,58 @@ def test_an_end_token_above_a_gap_in_the_ids_can_end_a_row(tmp_path):
     ours = minphi3.generate(model, prompt, max_new_tokens=6)
     np.testing.assert_array_equal(ours, expected)
     assert ours[0, -1] == 299
+
+
+def test_tokens_that_tokenizer_config_adds_may_be_generated(tmp_path):
+    """A token that only tokenizer_config.json's added_tokens_decoder defines (id 300, past the
+    300 of tokenizer.json) is a real token: its logit is not masked."""
+    from transformers import AutoTokenizer
+
+    folder = save_tiny_tokenizer(save_tiny(tmp_path / "m", vocab_size=310, seed=2), 300)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"300": {"content": "<|extra|>", "special": True, "lstrip": False,
+                                              "rstrip": False, "normalized": False, "single_word": False}}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    model = minphi3.load(folder)
+    assert model.tokenizer_size == 301 == minphi3.load_tokenizer(folder).id_bound
+    assert AutoTokenizer.from_pretrained(str(folder)).convert_tokens_to_ids("<|extra|>") == 300
+    model.params["lm_head.weight"][300] = 10 * model.params["lm_head.weight"][5]  # make it likely
+    out = minphi3.generate(model, [[5, 6, 7]], max_new_tokens=8, eos_token_id=[], do_sample=True, seed=0)
+    assert 300 in out[0, 3:]
+
+
+@pytest.mark.parametrize("setting", [{"min_new_tokens": 5}, {"min_length": 10}, {"min_new_tokens": 4, "min_length": 12}])
+@pytest.mark.parametrize("where", ["argument", "generation_config.json"])
+def test_no_eos_before_the_minimum_length_as_in_transformers(early_stop, tmp_path, setting, where):
+    """Row 0 would stop on its third new token; min_new_tokens / min_length hold the eos ids off
+    (with both, min_new_tokens wins, as transformers' _prepare_generated_length has it)."""
+    _, ids, stop, first = early_stop
+    file = {"eos_token_id": [first, stop], **(setting if where != "argument" else {})}
+    folder = checkpoint_with_special_ids(early_stop, tmp_path / "m", file)
+    model, hf = minphi3.load(folder), load_oracle(folder)
+    passed = setting if where == "argument" else {}
+    with torch.no_grad():
+        expected = hf.generate(torch.as_tensor(ids), do_sample=False, max_new_tokens=12, **passed).numpy()
+    ours = minphi3.generate(model, ids, max_new_tokens=12, **passed)
+    np.testing.assert_array_equal(ours, expected)
+    free = minphi3.generate(model, ids, max_new_tokens=12, min_new_tokens=0)
+    assert free[0, 8] == stop and ours[0, 8] != stop  # the minimum changed row 0
+
+
+@pytest.mark.parametrize("file", [
+    {"num_beams": 3}, {"no_repeat_ngram_size": 2}, {"suppress_tokens": [5]}, {"typical_p": 0.5},
+    {"forced_eos_token_id": 2}, {"guidance_scale": 1.5},
+])
+def test_settings_minphi3_does_not_implement_are_refused_by_name(checkpoints, tmp_path, file):
+    folder = checkpoint_with_generation_config(checkpoints["plain"], tmp_path / "m", file)
+    name, value = next(iter(file.items()))
+    with pytest.raises(minphi3.GenerationError, match=re.escape(f"generation_config.json sets {name}={value!r}, which")):
+        minphi3.generate(minphi3.load(folder), [[3, 4, 5]], max_new_tokens=2)
+
+
+def test_those_settings_at_their_off_values_are_fine(checkpoints, tmp_path):
+    file = {"num_beams": 1, "no_repeat_ngram_size": 0, "suppress_tokens": None, "typical_p": 1.0, "guidance_scale": None,
+            "min_length": 0, "encoder_repetition_penalty": 1.0}  # fmt: skip
+    folder = checkpoint_with_generation_config(checkpoints["plain"], tmp_path / "m", file)
+    plain = minphi3.generate(minphi3.load(checkpoints["plain"]), [[3, 4, 5]], max_new_tokens=4, eos_token_id=[])
+    np.testing.assert_array_equal(minphi3.generate(minphi3.load(folder), [[3, 4, 5]], max_new_tokens=4, eos_token_id=[]), plain)

@@ -628,3 +628,41 @@ def test_a_distribution_that_is_not_finite_is_refused_when_sampling(bad):
 def test_make_rng_refuses_seeds_numpy_cannot_take(seed):
     with pytest.raises(GenerationError, match="seed must be a non-negative integer"):
         make_rng(seed)
+
+
+def test_suppress_ids_sets_exactly_those_scores_to_minus_infinity():
+    from minphi3.sampling import suppress_ids
+
+    scores = np.random.default_rng(0).standard_normal((2, 9)).astype(np.float32)
+    out = suppress_ids(scores, [2, 7, 2])
+    for b in range(2):
+        for i in range(9):
+            assert out[b, i] == (-np.inf if i in (2, 7) else scores[b, i])
+    assert np.isfinite(scores).all()  # the input is not written
+
+
+def test_suppressed_ids_apply_before_the_warpers_as_transformers_min_length():
+    """transformers' MinNewTokensLength processor runs after the repetition penalty and before
+    temperature / top-p: the nucleus is taken without the suppressed ids."""
+    import torch
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )  # fmt: skip
+
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal((2, 40)).astype(np.float32) * 3
+    context = rng.integers(0, 40, size=(2, 6))
+    eos = [int(np.argmax(scores[0])), int(np.argmax(scores[1]))]
+    ours = process_scores(scores, context, do_sample=True, temperature=0.7, top_p=0.8, repetition_penalty=1.3,
+                          suppressed_ids=eos)  # fmt: skip
+    processors = LogitsProcessorList([
+        RepetitionPenaltyLogitsProcessor(1.3), MinNewTokensLengthLogitsProcessor(6, 3, torch.tensor(eos)),
+        TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.8),
+    ])  # fmt: skip
+    theirs = processors(torch.as_tensor(context), torch.as_tensor(scores)).numpy()
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
+    np.testing.assert_allclose(ours[np.isfinite(ours)], theirs[np.isfinite(theirs)], rtol=1e-6)

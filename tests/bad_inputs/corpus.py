@@ -378,6 +378,15 @@ def _(root):
                    cli=load_args(folder))
 
 
+@case("config", "generation_config_asks_for_beams", GenerationError, "generation_config.json", "num_beams=4",
+      "does not implement")
+def _(root):
+    folder = write_model(root / "model")
+    write_json(folder / "generation_config.json", {"num_beams": 4})
+    return Attempt(api=lambda: minphi3.generate(minphi3.load(folder), [[65, 66]], max_new_tokens=2),
+                   cli=load_args(folder))
+
+
 @case("config", "path_name_too_long", CheckpointError, "cannot read it", "File name too long")
 def _(root):
     return loading(root / ("m" * 300))
