@@ -34,7 +34,7 @@ from .errors import GenerationError
 from .loading import check_cache_memory
 from .model import check_token_ids
 from .rope import use_long_factors
-from .sampling import make_rng, process_scores, select_next_tokens, validate_sampling_parameters
+from .sampling import make_rng, process_scores, sampling_enabled, select_next_tokens, validate_sampling_parameters
 
 
 @dataclass
@@ -281,16 +281,28 @@ GENERATION_DEFAULTS = {
 }
 SAMPLING_PARAMETERS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
-# Settings of generation_config.json that change transformers' tokens and that minphi3's generate
-# does not implement, with the values that leave them off. Set otherwise, the file is refused:
-# answering as if it were not there would differ from transformers without a word.
+# Settings of generation_config.json that minphi3's generate does not implement, each with the
+# condition under which transformers 5.23 acts on it (`_get_logits_processor`,
+# `get_generation_mode`; `s` holds the resolved settings). A file that meets one is refused:
+# answering as if the setting were not there would differ from transformers without a word.
+# Settings transformers ignores for such a call (typical_p when greedy, diversity_penalty
+# without beams, the encoder-decoder ones) pass.
 UNIMPLEMENTED_SETTINGS = {
-    "num_beams": (1,), "num_beam_groups": (1,), "penalty_alpha": (0,), "diversity_penalty": (0,),
-    "no_repeat_ngram_size": (0,), "encoder_no_repeat_ngram_size": (0,), "bad_words_ids": ([],),
-    "suppress_tokens": ([],), "begin_suppress_tokens": ([],), "forced_bos_token_id": (), "forced_eos_token_id": (),
-    "forced_decoder_ids": ([],), "typical_p": (1,), "epsilon_cutoff": (0,), "eta_cutoff": (0,), "top_h": (),
-    "sequence_bias": ({},), "exponential_decay_length_penalty": (), "guidance_scale": (1,),
-    "encoder_repetition_penalty": (1,), "constraints": ([],), "force_words_ids": ([],), "watermarking_config": (),
+    "num_beams": lambda v, s: v > 1,
+    "num_return_sequences": lambda v, s: v > 1,
+    "penalty_alpha": lambda v, s: v > 0 and not s["sampling"] and (50 if s["top_k"] is None else s["top_k"]) > 1,
+    "no_repeat_ngram_size": lambda v, s: v > 0,
+    "suppress_tokens": lambda v, s: len(v) > 0,
+    "begin_suppress_tokens": lambda v, s: len(v) > 0,
+    "guidance_scale": lambda v, s: v != 1,
+    "typical_p": lambda v, s: s["sampling"] and v < 1,
+    "top_h": lambda v, s: s["sampling"],
+    "epsilon_cutoff": lambda v, s: s["sampling"] and 0 < v < 1,
+    "eta_cutoff": lambda v, s: s["sampling"] and 0 < v < 1,
+    **{name: lambda v, s: True for name in (  # any value: a processor, or an error in transformers
+        "bad_words_ids", "sequence_bias", "constraints", "force_words_ids", "forced_bos_token_id",
+        "forced_eos_token_id", "exponential_decay_length_penalty", "watermarking_config", "dola_layers", "stop_strings",
+    )},
 }  # fmt: skip
 
 
@@ -305,13 +317,6 @@ def resolve_generation_settings(model, prompt_length: int, **given) -> dict:
     is checked against it (`check_length`). -> {name: value} for every key of GENERATION_DEFAULTS.
     """
     file_config = model.generation_config or {}
-    for name, off in UNIMPLEMENTED_SETTINGS.items():
-        value = file_config.get(name)
-        if value is not None and not any(value == default and type(value) is not bool for default in off):
-            raise GenerationError(
-                f"generation_config.json sets {name}={value!r}, which minphi3's generate does not implement "
-                "(transformers' tokens would differ); remove it from the file to generate without it"
-            )
     settings, from_file = {}, []
     for name, default in GENERATION_DEFAULTS.items():
         value = given.get(name)
@@ -333,8 +338,26 @@ def resolve_generation_settings(model, prompt_length: int, **given) -> dict:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
             where = "generation_config.json's " if name in from_file else ""
             raise GenerationError(f"{where}{name} must be a non-negative integer, found {value!r}")
+    _refuse_unimplemented(file_config, settings)
     settings["max_new_tokens"] = _new_token_budget(model.config, prompt_length, given.get("max_new_tokens"), file_config)
     return settings
+
+
+def _refuse_unimplemented(file_config: dict, settings: dict) -> None:
+    resolved = {"sampling": sampling_enabled(settings["do_sample"], settings["temperature"]), "top_k": settings["top_k"]}
+    for name, acts in UNIMPLEMENTED_SETTINGS.items():
+        value = file_config.get(name)
+        if value is None:
+            continue
+        try:
+            refused = bool(acts(value, resolved))
+        except TypeError:  # a value of the wrong type: transformers would refuse it too
+            refused = True
+        if refused:
+            raise GenerationError(
+                f"generation_config.json sets {name}={value!r}, which minphi3's generate does not implement "
+                "(transformers' tokens would differ); remove it from the file to generate without it"
+            )
 
 
 def _new_token_budget(config, prompt_length: int, max_new_tokens, file_config: dict) -> int:

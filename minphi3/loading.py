@@ -212,20 +212,34 @@ def generation_config_from_model_config(config: ModelConfig) -> dict:
 
 
 def tokenizer_size(folder: Path) -> int | None:
-    """One past the highest id the checkpoint's tokenizer can produce (`Tokenizer.id_bound`: the
+    """One past the highest id the checkpoint's tokenizer can produce (`Tokenizer.id_bound`): the
     tokens of tokenizer.json and those tokenizer_config.json adds on top, as `load_tokenizer`
-    builds it). None when there is no tokenizer.json or it cannot be read: the tokenizer loader
-    reports that problem where a tokenizer is needed."""
+    builds them; tokenizer.json's alone when a side file is broken (the tokenizer loader reports
+    that where a tokenizer is needed). None when tokenizer.json is absent or unreadable."""
     if not (folder / "tokenizer.json").is_file():
         return None
-    try:
-        from .tokenizer import load_tokenizer  # noqa: PLC0415
+    import tokenizers  # noqa: PLC0415
 
-        return load_tokenizer(folder).id_bound or None
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException:  # noqa: BLE001 - a TokenizerError, or a Rust panic (a BaseException)
-        return None
+    from .tokenizer import check_bpe_merges, id_bound, load_tokenizer  # noqa: PLC0415
+
+    def whole() -> int:
+        return load_tokenizer(folder).id_bound
+
+    def file_alone() -> int:
+        text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+        spec = json.loads(text)
+        # A merge the Rust builder would panic on (printing a backtrace on stderr): skip the library.
+        check_bpe_merges(spec.get("model") if isinstance(spec, dict) else None, folder / "tokenizer.json")
+        return id_bound(tokenizers.Tokenizer.from_str(text))
+
+    for bound in (whole, file_alone):
+        try:
+            return bound() or None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # noqa: BLE001, S112 - a TokenizerError, or a Rust panic (a BaseException)
+            continue
+    return None
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -660,7 +660,8 @@ class Tokenizer:
         messages: a list of {"role": ..., "content": ...} dicts.
         add_generation_prompt: append the assistant header. Defaults to True here (transformers
           defaults to False) because minphi3 renders prompts to generate from.
-        tokenize: False -> the string; True -> its ids, encoded with add_special_tokens=False.
+        tokenize: False -> the string; True -> its ids, encoded with add_special_tokens=False
+          (transformers' tokenize=True, return_dict=False: a list of ids).
         chat_template: a template to use instead, or the name of one of the checkpoint's templates.
         extra: more template variables (tools=, documents=, or anything the template reads); they
           override the special-token strings of the same name. transformers' options that change
@@ -670,7 +671,7 @@ class Tokenizer:
         """
         refused = [name for name in RENDERING_OPTIONS if extra.get(name)]
         if tokenize:  # transformers reads these only when it tokenizes, and ignores them otherwise
-            refused += [name for name in TOKENIZING_OPTIONS if extra.get(name) not in (None, False, "do_not_pad")]
+            refused += [name for name in TOKENIZING_OPTIONS if not _leaves_one_conversation_alone(name, extra.get(name))]
         if refused:
             raise TokenizerError(
                 f"apply_chat_template option {refused[0]}={extra[refused[0]]!r} is not supported (minphi3 renders "
@@ -726,11 +727,19 @@ def _clean_up_tokenization(text: str) -> str:
 
 # transformers' apply_chat_template options that change what it returns, not what the template
 # reads, so that passing them on as template variables would be wrong. Those that change the
-# rendering are refused when set; those of the tokenization when set with tokenize=True (False,
-# None, {} and "do_not_pad" are their defaults and pass); with tokenize=False transformers
+# rendering are refused when set; those of the tokenization when set with tokenize=True to a value
+# that would change the ids (`_leaves_one_conversation_alone`); with tokenize=False transformers
 # ignores them, and so does minphi3.
 RENDERING_OPTIONS = ("continue_final_message", "sanitize_control_tokens", "return_assistant_tokens_mask")
 TOKENIZING_OPTIONS = ("padding", "truncation", "max_length", "return_tensors", "return_dict", "tokenizer_kwargs")
+
+
+def _leaves_one_conversation_alone(name: str, value) -> bool:
+    """Whether a tokenizing option, so set, changes nothing in the ids of one conversation: unset
+    (None, False, {}), transformers' "do_not_*" spellings, or padding to the longest of one."""
+    if not value or value in ("do_not_pad", "do_not_truncate"):
+        return True
+    return name == "padding" and value in (True, "longest")
 
 
 def _select_template(chat_template, tools, source: str, requested: str | None = None) -> str:

@@ -541,8 +541,9 @@ def test_no_eos_before_the_minimum_length_as_in_transformers(early_stop, tmp_pat
 
 
 @pytest.mark.parametrize("file", [
-    {"num_beams": 3}, {"no_repeat_ngram_size": 2}, {"suppress_tokens": [5]}, {"typical_p": 0.5},
-    {"forced_eos_token_id": 2}, {"guidance_scale": 1.5},
+    {"num_beams": 3}, {"no_repeat_ngram_size": 2}, {"suppress_tokens": [5]}, {"typical_p": 0.5, "do_sample": True},
+    {"forced_eos_token_id": 2}, {"guidance_scale": 1.5}, {"num_return_sequences": 2}, {"bad_words_ids": []},
+    {"penalty_alpha": 0.6}, {"num_beams": "3"},
 ])
 def test_settings_minphi3_does_not_implement_are_refused_by_name(checkpoints, tmp_path, file):
     folder = checkpoint_with_generation_config(checkpoints["plain"], tmp_path / "m", file)
@@ -551,9 +552,29 @@ def test_settings_minphi3_does_not_implement_are_refused_by_name(checkpoints, tm
         minphi3.generate(minphi3.load(folder), [[3, 4, 5]], max_new_tokens=2)
 
 
-def test_those_settings_at_their_off_values_are_fine(checkpoints, tmp_path):
-    file = {"num_beams": 1, "no_repeat_ngram_size": 0, "suppress_tokens": None, "typical_p": 1.0, "guidance_scale": None,
-            "min_length": 0, "encoder_repetition_penalty": 1.0}  # fmt: skip
-    folder = checkpoint_with_generation_config(checkpoints["plain"], tmp_path / "m", file)
-    plain = minphi3.generate(minphi3.load(checkpoints["plain"]), [[3, 4, 5]], max_new_tokens=4, eos_token_id=[])
-    np.testing.assert_array_equal(minphi3.generate(minphi3.load(folder), [[3, 4, 5]], max_new_tokens=4, eos_token_id=[]), plain)
+@pytest.mark.parametrize("file", [
+    {"num_beams": 1, "no_repeat_ngram_size": 0, "suppress_tokens": None, "typical_p": 1.0, "guidance_scale": None,
+     "min_length": 0, "bad_words_ids": None, "forced_decoder_ids": None, "top_h": None, "num_return_sequences": 1},
+    {"typical_p": 0.5, "epsilon_cutoff": 0.5, "top_h": 0.5},  # sampling-only: transformers ignores them when greedy
+    {"diversity_penalty": 0.5, "num_beam_groups": 2},  # beam-only
+    {"penalty_alpha": 0.6, "top_k": 1},  # contrastive search needs top_k > 1
+])  # fmt: skip
+def test_settings_transformers_ignores_for_the_call_are_fine(checkpoints, tmp_path, file):
+    """Off values, or settings transformers does not act on for a greedy call: its tokens."""
+    folder = checkpoint_with_generation_config(checkpoints["plain"], tmp_path / "m", {**file, "pad_token_id": 0})
+    hf = load_oracle(folder)
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=4, eos_token_id=None).numpy()
+    ours = minphi3.generate(minphi3.load(folder), [[3, 4, 5]], max_new_tokens=4, eos_token_id=[])
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_a_broken_side_file_keeps_tokenizer_json_bound(tmp_path):
+    """A tokenizer_config.json that is not JSON: the tokenizer loader refuses it where a
+    tokenizer is needed, and the mask of unproducible ids falls back to tokenizer.json's tokens
+    instead of turning off."""
+    folder = save_tiny_tokenizer(save_tiny(tmp_path / "m", vocab_size=310), 300)
+    (folder / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(minphi3.TokenizerError):
+        minphi3.load_tokenizer(folder)
+    assert minphi3.load(folder).tokenizer_size == 300

@@ -636,7 +636,7 @@ def test_chat_template_argument_as_transformers_reads_it(pairs, folders, tmp_pat
 
 @pytest.mark.parametrize("option, value, tokenizing", [
     ("continue_final_message", True, False), ("return_assistant_tokens_mask", True, False),
-    ("return_dict", True, True), ("return_tensors", "np", True), ("padding", True, True),
+    ("return_dict", True, True), ("return_tensors", "np", True), ("padding", "max_length", True),
     ("tokenizer_kwargs", {"add_special_tokens": True}, True), ("max_length", 4, True),
 ])
 def test_options_that_change_the_output_are_refused_not_rendered(pairs, option, value, tokenizing):
@@ -653,8 +653,11 @@ def test_options_that_change_the_output_are_refused_not_rendered(pairs, option, 
         with pytest.raises(TokenizerError, match=f"option {option}=.* is not supported"):
             ours.apply_chat_template(messages, **{option: value})
     assert ours.apply_chat_template(messages, **{option: None}) == ours.apply_chat_template(messages)  # unset: fine
-    assert ours.apply_chat_template(messages, tokenize=True, padding="do_not_pad") == ours.apply_chat_template(
-        messages, tokenize=True)  # fmt: skip
+    ids = ours.apply_chat_template(messages, tokenize=True)
+    assert ids == theirs.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=True)
+    for unchanged in ({"padding": "do_not_pad"}, {"padding": True}, {"truncation": "do_not_truncate"},
+                      {"tokenizer_kwargs": {}}, {"return_dict": False}):  # fmt: skip
+        assert ours.apply_chat_template(messages, tokenize=True, **unchanged) == ids
 
 
 def test_tools_given_as_functions_are_refused(pairs):
