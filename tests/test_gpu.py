@@ -131,6 +131,28 @@ def test_chat_turns_reuse_the_cache_with_the_graph(tmp_path, overrides):
         np.testing.assert_array_equal(sequences["gpu"], sequences["cpu"])
 
 
+def test_a_minimum_length_and_a_whole_mask_over_a_cache_on_the_gpu(tmp_path):
+    """min_new_tokens holds the eos ids off on the device as on the CPU, and a [batch, cached +
+    seq] mask rewrites the cached keys' padding there too."""
+    folder = save_tiny(tmp_path / "m")
+    ids = random_ids(2, 6)
+    cpu_model, gpu_model = minphi3.load(folder), minphi3.load(folder, backend="cupy")
+    free = minphi3.generate(cpu_model, ids, max_new_tokens=10, eos_token_id=[])
+    kwargs = dict(max_new_tokens=10, eos_token_id=[int(free[0, 7])], min_new_tokens=5)  # row 0's 2nd new token
+    held = minphi3.generate(cpu_model, ids, **kwargs)
+    assert held[0, 7] != free[0, 7]
+    np.testing.assert_array_equal(minphi3.generate(gpu_model, ids, **kwargs), held)
+    whole = np.ones((2, 8), np.int64)
+    whole[1, 1:4] = 0
+    logits = []
+    for model in (cpu_model, gpu_model):
+        cache = model.new_cache(2, 8)
+        model(ids, cache=cache)
+        logits.append(minphi3.to_numpy(model(free[:, 6:8], attention_mask=whole, cache=cache).logits))
+    assert max_relative(logits[1], logits[0]) <= 1e-4
+    assert max_relative(logits[0][1], minphi3.to_numpy(cpu_model(free[1:, :8]).logits)[0, 6:]) > 1e-3  # the mask mattered
+
+
 def test_seeded_sampling_on_the_gpu_repeats_and_matches_the_cpu(tmp_path):
     folder = save_tiny(tmp_path / "m")
     ids = random_ids(2, 6)
