@@ -469,6 +469,11 @@ class Model:
         out.layer_outputs = layer_outputs
         return out
 
+    def step_context(self, seq: int, batch: int = 1, output_attentions: bool = False) -> StepContext:
+        """The StepContext of a plain call over `seq` tokens (positions 0..seq-1, no padding, no
+        cache), built as `__call__` builds it: for running the decoder layers one at a time."""
+        return self._step_context(_positions(None, batch, seq, 0), None, None, batch, seq, output_attentions)
+
     def _step_context(self, positions, padding, cache, batch, seq, output_attentions) -> StepContext:
         config, xp = self.config, self.xp
         max_position = int(positions.max()) if positions.size else 0

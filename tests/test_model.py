@@ -700,3 +700,18 @@ def test_negative_position_ids_run_as_in_transformers(zoo):
     ours = _logits(model(ids, attention_mask=mask, position_ids=positions))
     theirs = oracle_forward(oracle, ids, attention_mask=mask, position_ids=positions).logits.numpy()
     assert_logits_close(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["gqa", "longrope", "partial_tied"])
+def test_layers_run_one_by_one_on_step_context_reproduce_the_model(zoo, name):
+    """model.step_context(seq) is what a plain call shares between its layers (the lessons run
+    the layers one at a time on it); LongRoPE's long factors included past the switch."""
+    model = zoo.model(name)
+    for seq in (9, 40):
+        ids = random_ids(1, seq, seed=seq)
+        out = model(ids, output_hidden_states=True)
+        step = model.step_context(seq)
+        x = out.hidden_states[0]
+        for layer, weights in enumerate(model.layers):
+            x, _ = model.decoder_layer(x, weights, model.config, layer, step)
+            np.testing.assert_array_equal(minphi3.to_numpy(x), minphi3.to_numpy(out.layer_outputs[layer]))
