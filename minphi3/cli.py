@@ -94,6 +94,7 @@ def _sampling_flags(parser, default_max_new_tokens: int = 64):
     parser.add_argument("--top-p", type=float, default=None, help="implies --do-sample")
     parser.add_argument("--min-p", type=float, default=None, help="implies --do-sample")
     parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--min-new-tokens", type=int, default=None, help="no end of turn before this many new tokens")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (runs repeat exactly)")
 
 
@@ -109,6 +110,7 @@ def _sampling_options(args) -> dict:
         top_p=args.top_p,
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
+        min_new_tokens=args.min_new_tokens,
         seed=args.seed,
     )
 
@@ -120,6 +122,8 @@ def _check_generation_flags(args) -> None:
     check_seed(args.seed)
     if args.max_new_tokens <= 0:
         raise GenerationError(f"max_new_tokens must be a positive integer, found {args.max_new_tokens}")
+    if args.min_new_tokens is not None and args.min_new_tokens < 0:
+        raise GenerationError(f"min_new_tokens must be a non-negative integer, found {args.min_new_tokens}")
     options = _sampling_options(args)
     validate_sampling_parameters(
         options["temperature"], options["top_k"], options["top_p"], options["min_p"], options["repetition_penalty"]

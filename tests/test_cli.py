@@ -277,3 +277,15 @@ def test_a_prompt_of_invalid_utf8_is_named(chat_model):
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "not valid UTF-8" in lines[0], lines
 
+
+
+def test_min_new_tokens_on_the_command_line_is_the_api_s(chat_model):
+    tokenizer, model = minphi3.load_tokenizer(chat_model), minphi3.load(chat_model)
+    ids = tokenizer.encode("The quick brown")
+    stops = tokenizer.stop_token_ids(model.generation_config)
+    new = minphi3.generate(model, [ids], max_new_tokens=12, eos_token_id=stops, min_new_tokens=10)[0, len(ids):]
+    result = run_cli("generate", "--model", str(chat_model), "The quick brown", "--max-new-tokens", "12",
+                     "--min-new-tokens", "10")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shown = tokenizer.decode(ids + [int(t) for t in new if t not in stops], skip_special_tokens=True)
+    assert result.stdout.rstrip("\n") == shown

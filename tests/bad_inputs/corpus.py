@@ -987,6 +987,8 @@ sampling_case("negative_top_k", "--top-k", "-3", {"top_k": -3}, "top_k", "-3")
 sampling_case("min_p_above_one", "--min-p", "2", {"min_p": 2.0}, "min_p", "2")
 sampling_case("zero_repetition_penalty", "--repetition-penalty", "0", {"repetition_penalty": 0.0},
               "repetition_penalty", "0")
+sampling_case("negative_min_new_tokens", "--min-new-tokens", "-1", {"min_new_tokens": -1}, "min_new_tokens",
+              "non-negative integer", "-1")
 
 
 @case("generation", "zero_max_new_tokens", GenerationError, "max_new_tokens", "positive integer", "0")
