@@ -46,6 +46,7 @@ class KVCache:
     def __init__(self, config, batch_size: int, capacity: int, xp=np, dtype=np.float32):
         window = config.sliding_window  # None for every model without a window (all Phi models)
         self.sliding_window = window
+        self.max_positions = config.max_position_embeddings  # no text is longer: growth stops here
         self.batch_size = batch_size
         self.num_layers = config.num_hidden_layers
         self.kv_heads = config.num_key_value_heads
@@ -135,8 +136,9 @@ class KVCache:
         xp = self.xp
         old_layers, old_slot_index, old_padding = self.layers, self.slot_index, self.key_padding
         self._allocate(capacity)
-        kept = xp.nonzero(old_slot_index >= 0)[0]
-        kept = kept[old_slot_index[kept] >= self.length - capacity]
+        # The newest `capacity` tokens before `length`: not the slots past it that a step which
+        # stopped half-way filled, which would land on the same slots as tokens still needed.
+        kept = xp.nonzero((old_slot_index >= self.length - capacity) & (old_slot_index < self.length))[0]
         new_slots = old_slot_index[kept] % capacity
         self.slot_index[new_slots] = old_slot_index[kept]
         self.key_padding[:, new_slots] = old_padding[:, kept]
@@ -168,8 +170,9 @@ class KVCache:
             needed = min(needed, self.sliding_window - 1 + num_new)
         if needed > self.capacity:
             # Grow geometrically, so that one-token steps move the cache O(log n) times, not once
-            # per token; a window caps the growth at W slots (a chunk of T tokens borrows W - 1 + T).
-            doubled = 2 * self.capacity
+            # per token, up to the context (max_position_embeddings); a window caps the growth at
+            # W slots (a chunk of T tokens borrows W - 1 + T).
+            doubled = min(2 * self.capacity, self.max_positions)
             if self.sliding_window is not None:
                 doubled = min(doubled, self.sliding_window)
             self._resize(max(needed, doubled))

@@ -84,8 +84,10 @@ class ChatSession:
 
     def _reuse_cache(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         self.last_reused_tokens = 0
+        # Every turn, not only the first: a long conversation grows the cache (generate reserves
+        # the whole turn's room up front), and the memory for it must be there before it does.
+        check_cache_memory(self.model.config, 1, len(prompt_ids) + max_new_tokens, self.model.dtype, self.model.xp)
         if self.cache is None:
-            check_cache_memory(self.model.config, 1, len(prompt_ids) + max_new_tokens, self.model.dtype, self.model.xp)
             self.cache = self.model.new_cache(1, len(prompt_ids) + max_new_tokens)
             self.cached_ids = []
             return

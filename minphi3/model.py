@@ -441,6 +441,7 @@ class Model:
         config, xp = self.config, self.xp
         ids = check_token_ids(input_ids, config.vocab_size)
         batch, seq = ids.shape
+        self._check_head_inputs(ids, labels, logits_to_keep)
         past = cache.length if cache is not None else 0
         positions = _positions(position_ids, batch, seq, past)
         padding = _padding(attention_mask, batch, seq, past)
@@ -487,6 +488,7 @@ class Model:
         if cache is not None:
             if cache.batch_size != batch:
                 raise GenerationError(f"the cache holds {cache.batch_size} rows but input_ids has {batch}")
+            self._check_cache_fits(cache)
             cache.long_rope = config.uses_longrope and use_long_factors(max_position, config.original_max_position_embeddings)
         inv_freq = inverse_frequencies_for(config, max_position, table_dtype(self.dtype))
         cos, sin = rope_cos_sin(inv_freq, to_device(positions, xp), config.attention_factor, self.dtype)
@@ -503,13 +505,53 @@ class Model:
         index = xp.arange(seq, dtype=np.int64)
         return StepContext(cos, sin, index, index, new_padding, None, None, output_attentions)
 
+    def _check_cache_fits(self, cache: KVCache) -> None:
+        """A cache made by another model (other layers, heads or window) or at another dtype is
+        refused: it would fail deep in a write, or silently change the precision."""
+        config = self.config
+        pairs = {
+            "layers": (cache.num_layers, config.num_hidden_layers),
+            "kv heads": (cache.kv_heads, config.num_key_value_heads),
+            "head_dim": (cache.head_dim, config.head_dim),
+            "sliding window": (cache.sliding_window, config.sliding_window),
+            "dtype": (cache.dtype, self.dtype),
+        }
+        differ = [f"{name} {theirs}, not {ours}" for name, (theirs, ours) in pairs.items() if theirs != ours]
+        if differ:
+            raise GenerationError(f"the cache was made for another model: {'; '.join(differ)}; make it with model.new_cache")
+
+    def _check_head_inputs(self, ids, labels, logits_to_keep) -> None:
+        """The head's checks of labels and logits_to_keep, run on empty host stand-ins before the
+        layers write the cache: a call they refuse leaves the cache as it was, ready for a retry."""
+        config = self.config
+        batch, seq = ids.shape
+        if config.head_kind == "causal_lm":
+            kept = keep_positions(np.empty((batch, seq, 0), np.float32), logits_to_keep)
+            if labels is not None:
+                self._causal_labels(labels, ids, kept.shape[:2])
+        elif config.head_kind == "token_classification" and labels is not None:
+            host_labels(labels, [ids.shape], integer=True, classes=config.num_labels)
+        elif config.head_kind == "sequence_classification":
+            if config.pad_token_id is None and batch != 1:
+                raise GenerationError("sequence classification of a batch needs pad_token_id in config.json")
+            if labels is not None:
+                sequence_classification_loss(np.zeros((batch, config.num_labels), np.float32), labels, config)
+
+    def _causal_labels(self, labels, ids, kept_shape) -> np.ndarray:
+        """Causal-LM labels checked on the host: [batch, seq] ([seq] for one row, as transformers)."""
+        if tuple(kept_shape) != ids.shape:
+            raise GenerationError(
+                f"labels need the logits of every position: logits_to_keep kept {tuple(kept_shape)} "
+                f"of input_ids {ids.shape} (give logits_to_keep=0)"
+            )
+        shapes = [ids.shape, ids.shape[1:]] if ids.shape[0] == 1 else [ids.shape]
+        return host_labels(labels, shapes, integer=True, classes=self.config.vocab_size).reshape(ids.shape)
+
     def _head(self, x, ids, labels, logits_to_keep, hidden_states, attentions, cache) -> ModelOutput:
         config, xp = self.config, self.xp
         loss = None
         if config.head_kind == "sequence_classification":
-            scores = linear(x, self.params["score.weight"])
-            if config.pad_token_id is None and ids.shape[0] != 1:
-                raise GenerationError("sequence classification of a batch needs pad_token_id in config.json")
+            scores = linear(x, self.params["score.weight"])  # pad_token_id checked in _check_head_inputs
             rows = xp.arange(ids.shape[0])
             logits = scores[rows, to_device(last_non_pad_index(ids, config.pad_token_id), xp)]
             if labels is not None:
@@ -522,14 +564,7 @@ class Model:
         else:
             logits = lm_head(keep_positions(x, logits_to_keep), self.params, config)
             if labels is not None:
-                if logits.shape[:2] != ids.shape:
-                    raise GenerationError(
-                        f"labels need the logits of every position: logits_to_keep kept {logits.shape[:-1]} "
-                        f"of input_ids {ids.shape} (give logits_to_keep=0)"
-                    )
-                shapes = [ids.shape, ids.shape[1:]] if ids.shape[0] == 1 else [ids.shape]  # [seq] for one row, as transformers
-                checked = host_labels(labels, shapes, integer=True, classes=config.vocab_size).reshape(ids.shape)
-                loss = causal_lm_loss(logits, checked)
+                loss = causal_lm_loss(logits, self._causal_labels(labels, ids, logits.shape[:2]))
         return ModelOutput(
             logits=logits,
             loss=loss,

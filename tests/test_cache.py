@@ -364,3 +364,53 @@ def test_a_whole_mask_after_a_step_that_stopped_half_way(zoo, name):
     interrupted.begin_step(2)  # what the raising call had done
     expected = _np(model(ids[:, 5:7], attention_mask=whole, cache=clean).logits)
     _close(_np(model(ids[:, 5:7], attention_mask=whole, cache=interrupted).logits), expected)
+
+
+def test_a_window_cache_after_a_long_step_that_stopped_half_way(zoo):
+    """A chunk of 6 tokens that raised after reserving its slots borrowed W - 1 + 6 slots; the
+    next steps give the borrowed slots back, and the half-written ones must not land on keys
+    still needed (logits were off by 6.6)."""
+    model = zoo.model("window")
+    ids = random_ids(2, 14, seed=4)
+    clean, interrupted = model.new_cache(2, 4), model.new_cache(2, 4)
+    for cache in (clean, interrupted):
+        model(ids[:, :6], cache=cache)
+    interrupted.begin_step(6)  # what the raising call had done
+    for step in range(6, 10):
+        expected = _np(model(ids[:, step : step + 1], cache=clean).logits)
+        _close(_np(model(ids[:, step : step + 1], cache=interrupted).logits), expected)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(labels=np.zeros((2, 3), np.int64)), dict(labels=np.full((2, 4), 999)), dict(logits_to_keep=-1),
+    dict(logits_to_keep="x"), dict(logits_to_keep=1, labels=np.zeros((2, 4), np.int64)),
+])  # fmt: skip
+def test_a_call_refused_for_its_labels_or_logits_to_keep_leaves_the_cache_as_it_was(zoo, kwargs):
+    model = zoo.model("mha")
+    ids = random_ids(2, 10, seed=6)
+    cache = model.new_cache(2, 10)
+    model(ids[:, :6], cache=cache)
+    with pytest.raises(GenerationError):
+        model(ids[:, 6:], cache=cache, **kwargs)
+    assert cache.length == 6
+    _close(_np(model(ids[:, 6:], cache=cache).logits), _np(model(ids).logits)[:, 6:])  # the retry
+
+
+def test_the_cache_grows_no_further_than_the_context(zoo):
+    model = zoo.model("mha")
+    context = model.config.max_position_embeddings
+    cache = model.new_cache(1, context // 2 + 1)
+    model(random_ids(1, context // 2 + 1), cache=cache)
+    model(random_ids(1, 1), cache=cache)  # doubling would give context + 2 slots
+    assert cache.capacity == context
+
+
+def test_a_cache_made_for_another_model_or_dtype_is_refused(zoo):
+    ids = random_ids(2, 4)
+    gqa, mha = zoo.model("gqa"), zoo.model("mha")
+    with pytest.raises(GenerationError, match=f"made for another model: kv heads {mha.config.num_key_value_heads}, not 2"):
+        gqa(ids, cache=mha.new_cache(2, 8))
+    with pytest.raises(GenerationError, match="another model: dtype float64, not float32"):
+        mha(ids, cache=zoo.model("mha", "float64").new_cache(2, 8))
+    with pytest.raises(GenerationError, match="another model: sliding window 5, not None"):
+        mha(ids, cache=zoo.model("window").new_cache(2, 8))

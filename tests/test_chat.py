@@ -34,3 +34,28 @@ def test_chat_figures_line_of_a_one_token_answer_shows_a_rate(chat_model, capsys
     assert len(figures) == 1 and "1 new tokens" in figures[0], figures
     rate = re.search(r", (\S+) tokens/s\]$", figures[0]).group(1)
     assert rate != "nan" and float(rate) > 0, figures[0]
+
+
+def test_every_turn_checks_the_memory_of_its_cache(chat_model, monkeypatch):
+    """A long conversation grows the cache: the memory is checked before each turn, not only the
+    first, and a turn that cannot fit is a ResourceError that leaves the session usable."""
+    from minphi3 import chat
+
+    model, tokenizer = minphi3.load(chat_model), minphi3.load_tokenizer(chat_model)
+    session = ChatSession(model, tokenizer, max_new_tokens=4)
+    asked = []
+    real = chat.check_cache_memory
+    monkeypatch.setattr(chat, "check_cache_memory", lambda config, batch, tokens, *rest: asked.append(tokens) or real(config, batch, tokens, *rest))
+    session.ask("Hello there")
+    session.ask("And again")
+    assert len(asked) == 2 and asked[1] > asked[0]
+
+    def refuse(*args):
+        raise minphi3.ResourceError("the KV cache for 1 x N tokens needs more than is available")
+
+    monkeypatch.setattr(chat, "check_cache_memory", refuse)
+    with pytest.raises(minphi3.ResourceError):
+        session.ask("A third turn")
+    monkeypatch.setattr(chat, "check_cache_memory", real)
+    answer, _ = session.ask("A third turn")
+    assert isinstance(answer, str)
