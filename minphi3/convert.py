@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ResourceError
 from .gguf import gguf_generation_config, gguf_tokenizer_parts, read_gguf_checkpoint, read_gguf_config
 
 OUTPUT_FILES = (
@@ -77,6 +77,25 @@ SHADOWING_FILES = (
 )
 
 
+def check_conversion_memory(in_path) -> None:
+    """Refuse, before reading a tensor, a conversion the host cannot hold: the float32 weights,
+    plus their serialized copy (safetensors' writer builds each tensor's bytes before writing)."""
+    import numpy as np  # noqa: PLC0415
+
+    from .backend import available_memory  # noqa: PLC0415
+    from .config import config_from_dict  # noqa: PLC0415
+    from .loading import human_bytes, weights_nbytes  # noqa: PLC0415
+
+    config = config_from_dict(read_gguf_config(in_path), source=str(in_path))
+    needed = 2 * weights_nbytes(config, np.float32)
+    available, where = available_memory(np)
+    if available is not None and needed > available:
+        raise ResourceError(
+            f"{in_path}: converting needs {human_bytes(needed)} (the float32 weights and their serialized copy) "
+            f"but {where} {human_bytes(available)} available"
+        )
+
+
 def convert_gguf(in_path, out_dir, progress: bool = False, overwrite: bool = False) -> Path:
     """Write the Hugging Face checkpoint of GGUF file `in_path` into folder `out_dir`; return it.
 
@@ -100,7 +119,8 @@ def convert_gguf(in_path, out_dir, progress: bool = False, overwrite: bool = Fal
             f"{out_dir}: the output folder is not empty (choose a new folder, or pass --force "
             "(overwrite=True) to replace its checkpoint files)"
         )
-    read_gguf_config(in_path)  # the header alone: a broken input is refused before any folder is made
+    check_conversion_memory(in_path)  # the header alone: a broken input is refused before any folder is made
+    backend, tok_config = gguf_tokenizer_parts(in_path)  # a broken tokenizer too, before the tensors
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -108,8 +128,10 @@ def convert_gguf(in_path, out_dir, progress: bool = False, overwrite: bool = Fal
         raise CheckpointError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
     keep_staging = False  # True when old files that could not be put back wait in it
     try:
-        config, tensors = read_gguf_checkpoint(in_path, dtype="float32", progress=progress)
-        backend, tok_config = gguf_tokenizer_parts(in_path)
+        try:
+            config, tensors = read_gguf_checkpoint(in_path, dtype="float32", progress=progress)
+        except MemoryError:  # the check passed, but the memory went elsewhere meanwhile
+            raise ResourceError(f"{in_path}: ran out of memory dequantizing the tensors to float32") from None
         _write_json(staging / "config.json", checkpoint_config(config))
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         del tensors

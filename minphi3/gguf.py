@@ -341,9 +341,15 @@ def gguf_architecture(metadata: dict, path) -> str:
     return arch
 
 
-def _token_id(metadata: dict, name: str):
+def _token_id(metadata: dict, name: str, error=ConfigError):
+    """tokenizer.ggml.{name}_token_id, or None when absent or not an integer; a negative id
+    (which Python's indexing would read from the end of the token list) is an `error`."""
     value = metadata.get(f"tokenizer.ggml.{name}_token_id")
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    if value < 0:
+        raise error(f"GGUF key 'tokenizer.ggml.{name}_token_id' is {value}: a token id must be >= 0")
+    return int(value)
 
 
 def rotary_factor(rotary_dim: int, head_dim: int) -> float:
@@ -391,6 +397,13 @@ def gguf_config(metadata: dict, tensors: dict, path) -> dict:
     if rotary_dim > head_dim or rotary_dim % 2:
         raise ConfigError(
             f"{path}: {k}rope.dimension_count {rotary_dim} should be even and at most head_dim {head_dim}"
+        )
+    if arch == "llama" and rotary_dim != head_dim:
+        # llama.cpp rotates adjacent pairs of the first n_rot rows of each head, as its converter
+        # interleaved them; undoing that interleave over whole heads moves other dims into place.
+        raise ConfigError(
+            f"{path}: llama.rope.dimension_count {rotary_dim} is less than head_dim {head_dim}: partial "
+            "rotary in a llama file is not supported (llama.cpp's llama converter always writes full rotary)"
         )
     scaling_type = metadata.get(k + "rope.scaling.type", "none")
     if scaling_type not in ("none", None) or "rope_freqs.weight" in tensors:
@@ -742,11 +755,18 @@ def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tup
     return [(left, right) for left, right, _ in merges]
 
 
-def _file_merges(metadata: dict) -> list[tuple[str, str]] | None:
+def _file_merges(metadata: dict, path) -> list[tuple[str, str]] | None:
+    """tokenizer.ggml.merges as pairs: each entry is two tokens joined by one space."""
     merges = metadata.get("tokenizer.ggml.merges")
     if merges is None:
         return None
-    return [tuple(merge.split(" ")) for merge in merges]
+    pairs = [tuple(merge.split(" ")) if isinstance(merge, str) else () for merge in merges]
+    for index, pair in enumerate(pairs):
+        if len(pair) != 2 or not all(pair):
+            raise TokenizerError(
+                f"{path}: tokenizer.ggml.merges entry {index} is {merges[index]!r}; expected two tokens joined by one space"
+            )
+    return pairs
 
 
 def _byte_level_backend(metadata: dict, path):
@@ -762,7 +782,7 @@ def _byte_level_backend(metadata: dict, path):
         (token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8"))): index
         for index, token in enumerate(tokens)
     }
-    merges = _file_merges(metadata)
+    merges = _file_merges(metadata, path)
     if merges is None:
         raise TokenizerError(f"{path}: a byte-level BPE tokenizer needs 'tokenizer.ggml.merges', which the file lacks")
     check_bpe_merges({"type": "BPE", "vocab": vocab, "merges": merges}, path)  # before the Rust builder can panic
@@ -798,7 +818,7 @@ def _sentencepiece_backend(metadata: dict, path, arch: str):
 
     tokens = metadata["tokenizer.ggml.tokens"]
     vocab = {token: index for index, token in enumerate(tokens)}
-    merges = _file_merges(metadata)
+    merges = _file_merges(metadata, path)
     if merges is None:
         scores = metadata.get("tokenizer.ggml.scores")
         if scores is None or len(scores) != len(tokens):
@@ -896,7 +916,7 @@ def tokenizer_from_metadata(metadata: dict, path) -> tuple[object, dict]:
     arch = metadata.get("general.architecture")
 
     def token(name):
-        index = _token_id(metadata, name)
+        index = _token_id(metadata, name, TokenizerError)
         if index is not None and index >= len(tokens):
             raise TokenizerError(f"{path}: tokenizer.ggml.{name}_token_id is {index}, beyond the {len(tokens)} tokens")
         return tokens[index] if index is not None else None

@@ -52,7 +52,7 @@ def load(path, backend: str = "numpy", dtype: str = "float32", progress: bool = 
     except MemoryError:  # the check above passed, but the memory went elsewhere meanwhile
         pass  # raised below, outside this block: the MemoryError's frames (and the tensors read) are freed
     raise ResourceError(
-        f"{path}: ran out of memory loading {_human(weights_nbytes(config, dtype))} of weights at "
+        f"{path}: ran out of memory loading {human_bytes(weights_nbytes(config, dtype))} of weights at "
         f"{np.dtype(dtype).name}; use a smaller dtype or free memory"
     )
 
@@ -335,8 +335,8 @@ def check_memory(config: ModelConfig, dtype, xp, extra_bytes: int = 0) -> None:
     available, where = available_memory(xp)
     if available is not None and needed > available:
         raise ResourceError(
-            f"the model needs {_human(needed)} at {np.dtype(dtype).name} ({config.num_parameters():,} parameters) "
-            f"but {where} {_human(available)} available; use a smaller dtype or a smaller model"
+            f"the model needs {human_bytes(needed)} at {np.dtype(dtype).name} ({config.num_parameters():,} parameters) "
+            f"but {where} {human_bytes(available)} available; use a smaller dtype or a smaller model"
         )
 
 
@@ -347,12 +347,12 @@ def check_cache_memory(config: ModelConfig, batch_size: int, capacity: int, dtyp
     available, where = available_memory(xp)
     if available is not None and needed > available:
         raise ResourceError(
-            f"the KV cache for {batch_size} x {capacity} tokens needs {_human(needed)} at {np.dtype(dtype).name} "
-            f"but {where} {_human(available)} available; ask for fewer new tokens (max_new_tokens) or a smaller batch"
+            f"the KV cache for {batch_size} x {capacity} tokens needs {human_bytes(needed)} at {np.dtype(dtype).name} "
+            f"but {where} {human_bytes(available)} available; ask for fewer new tokens (max_new_tokens) or a smaller batch"
         )
 
 
-def _human(nbytes: int) -> str:
+def human_bytes(nbytes: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if nbytes < 1024 or unit == "PiB":
             return f"{nbytes:.1f} {unit}"

@@ -1227,3 +1227,54 @@ def test_a_gguf_file_is_recognised_whatever_the_case_of_its_suffix(phi3_file, tm
     result = subprocess.run([sys.executable, "-m", "minphi3", "generate", "--model", str(upper), "hi",
                              "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def test_a_merge_that_is_not_two_tokens_is_named_before_any_tensor_is_read(phi3_file, tmp_path, monkeypatch):
+    """A merge entry without its space, or with two, was the Rust binding's three-line TypeError,
+    and convert met it only after dequantizing every tensor."""
+    _, _, metadata, tensors = phi3_file
+    tokens, merges, types = byte_level_vocab()
+    monkeypatch.setitem(globals(), "byte_level_vocab", lambda: (tokens, [*merges, "Ġt he x"], types))
+    path = write_gguf(tmp_path / "bad.gguf", "phi3", metadata, tensors, tokenizer="byte_level")
+    message = rf"tokenizer.ggml.merges entry {len(merges)} is 'Ġt he x'; expected two tokens joined by one space"
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(path)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the tensors were read before the tokenizer was checked")
+
+    from minphi3 import convert
+
+    monkeypatch.setattr(convert, "read_gguf_checkpoint", never)
+    with pytest.raises(TokenizerError, match="merges entry"):
+        convert_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_negative_special_token_id_is_named(phi3_file):
+    """Python's indexing would read id -1 from the end of the token list."""
+    with pytest.raises(ConfigError, match="'tokenizer.ggml.eos_token_id' is -1: a token id must be >= 0"):
+        mgguf._token_id({"tokenizer.ggml.eos_token_id": -1}, "eos")
+    with pytest.raises(TokenizerError, match="bos_token_id' is -2"):
+        mgguf._token_id({"tokenizer.ggml.bos_token_id": -2}, "bos", TokenizerError)
+    assert mgguf._token_id({"tokenizer.ggml.eos_token_id": 7}, "eos") == 7
+
+
+def test_partial_rotary_in_a_llama_file_is_refused(llama_file):
+    """llama.cpp rotates adjacent pairs of the first n_rot interleaved rows of each head; undoing
+    the interleave over whole heads would rotate other dims: refused, not computed otherwise."""
+    path = llama_file[0]
+    reader, metadata = mgguf.read_gguf(path)
+    head_dim = metadata["llama.embedding_length"] // metadata["llama.attention.head_count"]
+    partial = dict(metadata, **{"llama.rope.dimension_count": head_dim // 2})
+    with pytest.raises(ConfigError, match="partial rotary in a llama file is not supported"):
+        mgguf.gguf_config(partial, mgguf.tensor_table(reader), path)
+
+
+def test_convert_refuses_what_memory_cannot_hold_before_reading_tensors(phi3_file, tmp_path, monkeypatch):
+    from minphi3 import backend
+
+    monkeypatch.setattr(backend, "available_memory", lambda xp: (1000, "the host has"))
+    with pytest.raises(minphi3.ResourceError, match="converting needs .* but the host has 1000.0 B available"):
+        convert_gguf(phi3_file[0], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
