@@ -172,7 +172,9 @@ class KVCache:
             # Grow geometrically, so that one-token steps move the cache O(log n) times, not once
             # per token, up to the context (max_position_embeddings); a window caps the growth at
             # W slots (a chunk of T tokens borrows W - 1 + T).
-            doubled = min(2 * self.capacity, self.max_positions)
+            doubled = 2 * self.capacity
+            if self.capacity < self.max_positions:  # past it (direct calls may go on), double again
+                doubled = min(doubled, self.max_positions)
             if self.sliding_window is not None:
                 doubled = min(doubled, self.sliding_window)
             self._resize(max(needed, doubled))

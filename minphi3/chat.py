@@ -84,9 +84,13 @@ class ChatSession:
 
     def _reuse_cache(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         self.last_reused_tokens = 0
-        # Every turn, not only the first: a long conversation grows the cache (generate reserves
-        # the whole turn's room up front), and the memory for it must be there before it does.
-        check_cache_memory(self.model.config, 1, len(prompt_ids) + max_new_tokens, self.model.dtype, self.model.xp)
+        # Every turn that must grow the cache, not only the first: generate reserves the whole
+        # turn's room up front, and the memory for it must be there before it does.
+        tokens = len(prompt_ids) + max_new_tokens
+        window = self.model.config.sliding_window
+        slots = tokens if window is None else min(tokens, window)
+        if self.cache is None or slots > self.cache.capacity:
+            check_cache_memory(self.model.config, 1, tokens, self.model.dtype, self.model.xp)
         if self.cache is None:
             self.cache = self.model.new_cache(1, len(prompt_ids) + max_new_tokens)
             self.cached_ids = []

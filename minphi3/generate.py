@@ -187,6 +187,8 @@ def generate(
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = int(mask.sum())
 
+    if cache is not None:
+        model.check_cache_fits(cache)  # here: the fixed decode step may run without a model call to check it
     if cache is None:
         check_cache_memory(model.config, batch, prompt_length + max_new_tokens, model.dtype, model.xp)
         cache = model.new_cache(batch, prompt_length + max_new_tokens)

@@ -756,16 +756,19 @@ def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tup
 
 
 def _file_merges(metadata: dict, path) -> list[tuple[str, str]] | None:
-    """tokenizer.ggml.merges as pairs: each entry is two tokens joined by one space."""
+    """tokenizer.ggml.merges as pairs: each entry is two tokens joined by a space, split at the
+    first space after its first character, as llama.cpp splits it (`word.find(' ', 1)`)."""
     merges = metadata.get("tokenizer.ggml.merges")
     if merges is None:
         return None
-    pairs = [tuple(merge.split(" ")) if isinstance(merge, str) else () for merge in merges]
-    for index, pair in enumerate(pairs):
-        if len(pair) != 2 or not all(pair):
+    pairs = []
+    for index, merge in enumerate(merges):
+        split = merge.find(" ", 1) if isinstance(merge, str) else -1
+        if split < 0 or split == len(merge) - 1:
             raise TokenizerError(
-                f"{path}: tokenizer.ggml.merges entry {index} is {merges[index]!r}; expected two tokens joined by one space"
+                f"{path}: tokenizer.ggml.merges entry {index} is {merge!r}; expected two tokens joined by a space"
             )
+        pairs.append((merge[:split], merge[split + 1 :]))
     return pairs
 
 

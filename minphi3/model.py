@@ -488,7 +488,7 @@ class Model:
         if cache is not None:
             if cache.batch_size != batch:
                 raise GenerationError(f"the cache holds {cache.batch_size} rows but input_ids has {batch}")
-            self._check_cache_fits(cache)
+            self.check_cache_fits(cache)
             cache.long_rope = config.uses_longrope and use_long_factors(max_position, config.original_max_position_embeddings)
         inv_freq = inverse_frequencies_for(config, max_position, table_dtype(self.dtype))
         cos, sin = rope_cos_sin(inv_freq, to_device(positions, xp), config.attention_factor, self.dtype)
@@ -505,7 +505,7 @@ class Model:
         index = xp.arange(seq, dtype=np.int64)
         return StepContext(cos, sin, index, index, new_padding, None, None, output_attentions)
 
-    def _check_cache_fits(self, cache: KVCache) -> None:
+    def check_cache_fits(self, cache: KVCache) -> None:
         """A cache made by another model (other layers, heads or window) or at another dtype is
         refused: it would fail deep in a write, or silently change the precision."""
         config = self.config

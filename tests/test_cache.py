@@ -396,13 +396,34 @@ def test_a_call_refused_for_its_labels_or_logits_to_keep_leaves_the_cache_as_it_
     _close(_np(model(ids[:, 6:], cache=cache).logits), _np(model(ids).logits)[:, 6:])  # the retry
 
 
-def test_the_cache_grows_no_further_than_the_context(zoo):
+def test_the_cache_grows_no_further_than_the_context_then_doubles_again(zoo):
+    """Capped at max_position_embeddings; a direct call past it (transformers allows one) grows
+    geometrically again, not by one slot per token."""
     model = zoo.model("mha")
     context = model.config.max_position_embeddings
     cache = model.new_cache(1, context // 2 + 1)
     model(random_ids(1, context // 2 + 1), cache=cache)
-    model(random_ids(1, 1), cache=cache)  # doubling would give context + 2 slots
+    model(random_ids(1, context // 2 - 1), cache=cache)  # doubling would give context + 2 slots
     assert cache.capacity == context
+    model(random_ids(1, 1), cache=cache)
+    assert cache.capacity == 2 * context
+    moves = 0
+    for _ in range(8):
+        before = cache.capacity
+        model(random_ids(1, 1), cache=cache)
+        moves += cache.capacity != before
+    assert moves == 0
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_generate_refuses_a_cache_of_another_dtype_on_either_step(zoo, cuda_graph):
+    """A cache holding the whole prompt goes straight to the fixed decode step, which runs no
+    model call to check it: generate checks it itself."""
+    ids = random_ids(1, 6)
+    cache = zoo.model("mha", "float64").new_cache(1, 12)
+    zoo.model("mha", "float64")(ids, cache=cache)
+    with pytest.raises(GenerationError, match="another model: dtype float64, not float32"):
+        minphi3.generate(zoo.model("mha"), ids, max_new_tokens=3, eos_token_id=[], cache=cache, cuda_graph=cuda_graph)
 
 
 def test_a_cache_made_for_another_model_or_dtype_is_refused(zoo):

@@ -49,6 +49,11 @@ def test_every_turn_checks_the_memory_of_its_cache(chat_model, monkeypatch):
     session.ask("Hello there")
     session.ask("And again")
     assert len(asked) == 2 and asked[1] > asked[0]
+    session.reset()
+    session.cache = model.new_cache(1, 200)  # room enough: a turn that allocates nothing is not checked
+    session.ask("Hello there")
+    assert len(asked) == 2
+    session.cache = None
 
     def refuse(*args):
         raise minphi3.ResourceError("the KV cache for 1 x N tokens needs more than is available")

@@ -1230,13 +1230,14 @@ def test_a_gguf_file_is_recognised_whatever_the_case_of_its_suffix(phi3_file, tm
 
 
 def test_a_merge_that_is_not_two_tokens_is_named_before_any_tensor_is_read(phi3_file, tmp_path, monkeypatch):
-    """A merge entry without its space, or with two, was the Rust binding's three-line TypeError,
-    and convert met it only after dequantizing every tensor."""
+    """A merge entry without its space was the Rust binding's three-line TypeError, and convert met
+    it only after dequantizing every tensor. (An entry with two spaces splits at the first, as
+    llama.cpp splits it.)"""
     _, _, metadata, tensors = phi3_file
     tokens, merges, types = byte_level_vocab()
-    monkeypatch.setitem(globals(), "byte_level_vocab", lambda: (tokens, [*merges, "Ġt he x"], types))
+    monkeypatch.setitem(globals(), "byte_level_vocab", lambda: (tokens, [*merges, "Ġthe"], types))
     path = write_gguf(tmp_path / "bad.gguf", "phi3", metadata, tensors, tokenizer="byte_level")
-    message = rf"tokenizer.ggml.merges entry {len(merges)} is 'Ġt he x'; expected two tokens joined by one space"
+    message = rf"tokenizer.ggml.merges entry {len(merges)} is 'Ġthe'; expected two tokens joined by a space"
     with pytest.raises(TokenizerError, match=message):
         load_tokenizer(path)
 
@@ -1278,3 +1279,11 @@ def test_convert_refuses_what_memory_cannot_hold_before_reading_tensors(phi3_fil
     with pytest.raises(minphi3.ResourceError, match="converting needs .* but the host has 1000.0 B available"):
         convert_gguf(phi3_file[0], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_merges_split_at_the_first_space_as_llama_cpp_splits_them(tmp_path):
+    metadata = {"tokenizer.ggml.merges": ["Ġ t", "a b c", "  x"]}
+    assert mgguf._file_merges(metadata, tmp_path) == [("Ġ", "t"), ("a", "b c"), (" ", "x")]
+    for bad in ("ab", "a ", " "):
+        with pytest.raises(TokenizerError, match="expected two tokens joined by a space"):
+            mgguf._file_merges({"tokenizer.ggml.merges": [bad]}, tmp_path)
