@@ -150,10 +150,11 @@ class KVCache:
         """Set the padding of every cached token from a mask over all of them.
 
         padding: [batch, length] bool on the cache's backend, column i for the token of absolute
-        index i (True = real). Slots a window dropped or never filled keep their entry.
+        index i (True = real). Slots a window dropped or never filled keep their entry, and so do
+        slots past `length` that a step which stopped half-way filled (`rewind` explains those).
         """
         xp = self.xp
-        held = self.slot_index >= 0
+        held = (self.slot_index >= 0) & (self.slot_index < padding.shape[1])
         recorded = padding[:, xp.clip(self.slot_index, 0, padding.shape[1] - 1)]  # [batch, capacity]
         self.key_padding[...] = xp.where(held[None, :], recorded, self.key_padding)
 

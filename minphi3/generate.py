@@ -224,7 +224,9 @@ def generate(
         else:
             out = model(
                 sequences[:, fed_from:length],
-                attention_mask=full_mask[:, :length],
+                # The fed tokens' columns only: the cache recorded the others' padding when it
+                # took them, so the whole-mask form would rewrite it each token for nothing.
+                attention_mask=full_mask[:, fed_from:length],
                 position_ids=positions[:, fed_from:length],
                 logits_to_keep=1,
                 cache=cache,

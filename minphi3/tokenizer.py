@@ -1140,9 +1140,10 @@ class IncrementalDetokenizer:
     The concatenation of every `push` result and the final `flush` equals
     `tokenizer.decode(all_ids, skip_special_tokens=...)`, except where the ids spell bytes that are
     not valid UTF-8 (a model can generate any byte token): a piece already sent is not taken back
-    when a later byte makes its run invalid, and the full decode replaces the run. Decoding one token at a time does not:
-    the Metaspace/Strip decoder drops the leading space of whatever it decodes first, and a
-    byte-fallback token like `<0xE2>` is not valid UTF-8 alone. So we decode a short window twice:
+    when a later byte makes its run invalid, and the full decode replaces the run.
+
+    Decoding one token at a time does not: the Metaspace/Strip decoder drops the leading space of
+    whatever it decodes first, and a byte-fallback token like `<0xE2>` is not valid UTF-8 alone. So we decode a short window twice:
     ids[prefix:read] (text already sent) and ids[prefix:] (that text plus the new tokens), both
     starting at the same token so that the decoder treats their start alike, and send the
     difference once it no longer ends in U+FFFD (an incomplete character is held back).

@@ -578,3 +578,16 @@ def test_a_broken_side_file_keeps_tokenizer_json_bound(tmp_path):
     with pytest.raises(minphi3.TokenizerError):
         minphi3.load_tokenizer(folder)
     assert minphi3.load(folder).tokenizer_size == 300
+
+
+def test_decode_steps_do_not_rewrite_the_cached_padding(checkpoints, monkeypatch):
+    """generate gives each step the fed tokens' mask columns only: the cache recorded the others'
+    padding when it took them, and rewriting it every token would be work for nothing."""
+    from minphi3.cache import KVCache
+
+    calls = []
+    real = KVCache.overwrite_padding
+    monkeypatch.setattr(KVCache, "overwrite_padding", lambda self, padding: calls.append(1) or real(self, padding))
+    ids, mask = left_padded_batch(pads=(0, 3))
+    minphi3.generate(minphi3.load(checkpoints["plain"]), ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert calls == []
