@@ -367,6 +367,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # until the command line is parsed: a bad one is reported with it too
     _open_closed_streams()
+    if sys.stdout is None:  # `>&-`: print would drop the answer silently and the run would look fine
+        print("minphi3: standard output is closed: there is nowhere to write the output", file=sys.stderr)
+        return 2
     try:
         args = build_parser().parse_args(argv)
         debug = getattr(args, "debug", False)

@@ -270,6 +270,13 @@ def test_closed_stdin_reads_as_the_end_and_closed_stderr_keeps_errors_off_stdout
     assert missing.stdout == ""
 
 
+def test_a_closed_stdout_is_one_line_and_status_2(chat_model):
+    result = subprocess.run(f'"{sys.executable}" -m minphi3 generate --model "{chat_model}" hi --max-new-tokens 2 >&-',
+                            shell=True, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "standard output is closed" in result.stderr
+
+
 def test_a_prompt_of_invalid_utf8_is_named(chat_model):
     result = subprocess.run([sys.executable.encode(), b"-m", b"minphi3", b"generate", b"--model", str(chat_model).encode(),
                              b"caf\xe9", b"--max-new-tokens", b"2"], capture_output=True, timeout=120)  # fmt: skip
